@@ -1,0 +1,191 @@
+"""Settings: every environment variable the service reads, validated once at startup."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import limits
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.errors import ConfigError
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept `90`, `90s`, `15m`, `2h`, `7d` (and timedelta or numbers) as a duration."""
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if not match:
+            raise ValueError("expected a duration such as 90s, 15m, 2h or 7d")
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    return value
+
+
+def split_list(value: Any) -> Any:
+    """Accept a comma- or space-separated string as a list."""
+    if isinstance(value, str):
+        return [item for item in re.split(r"[,\s]+", value) if item]
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+StrList = Annotated[list[str], NoDecode, BeforeValidator(split_list)]
+
+MIN_SECRET_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    """One object with every setting; field FOO is read from the environment variable FOO."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_ignore_empty=True, extra="ignore", case_sensitive=False
+    )
+
+    # --- service -------------------------------------------------------------------------------
+    claude_code_api_port: int = Field(3001, ge=1, le=65535)
+    host: str = "0.0.0.0"  # noqa: S104 - the container's only listener, reached through the tunnel
+    node_env: Literal["development", "production", "test"] = "development"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    workspace_dir: Path = Path("workspace")
+
+    # --- intake --------------------------------------------------------------------------------
+    webhook_secret: SecretStr | None = None
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    rate_limit: str = "10/minute"
+    trust_proxy_headers: bool = False
+    trigger_label: str | None = None
+    jira_projects: StrList = Field(default_factory=list)
+
+    # --- repository and git --------------------------------------------------------------------
+    repo_url: str | None = None
+    repo_dir: Path | None = None
+    base_branch: str | None = None
+    max_file_bytes: int = Field(5 * 1024 * 1024, ge=1)
+    git_author_name: str = "auto-code"
+    git_author_email: str = "auto-code@users.noreply.github.com"
+    worktree_ttl: Duration = timedelta(days=7)
+    git_timeout: Duration = timedelta(minutes=10)
+
+    # --- agent ---------------------------------------------------------------------------------
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+    claude_model: str | None = None
+    max_turns: int = Field(50, ge=1)
+    review_max_turns: int = Field(10, ge=1)
+    max_budget_usd: float = Field(5.0, gt=0)
+    agent_phase_timeout: Duration = timedelta(minutes=30)
+    claude_code_max_retries: int = Field(3, ge=0)
+    api_timeout_ms: int = Field(120_000, ge=1000)
+    agent_allowed_commands: StrList = Field(default_factory=list)
+    agent_env_passthrough: StrList = Field(default_factory=list)
+    allow_ci_config_writes: bool = False
+    sandbox: Literal["auto", "bwrap", "off"] = "auto"
+
+    # --- pipeline ------------------------------------------------------------------------------
+    dry_run: bool = False
+    run_review: bool = True
+    run_lint: bool = True
+    run_tests: bool = True
+    max_fix_rounds: int = Field(2, ge=0)
+    lint_command: str | None = None
+    test_command: str | None = None
+    check_timeout: Duration = timedelta(minutes=15)
+    run_timeout: Duration = timedelta(hours=2)
+    max_concurrent_tickets: int = Field(2, ge=1)
+    database_url: SecretStr | None = None
+    replica_id: str = "local"
+
+    # --- GitHub --------------------------------------------------------------------------------
+    gh_token: SecretStr | None = None
+    gh_host: str | None = None
+
+    # --- Jira report-back ----------------------------------------------------------------------
+    jira_base_url: str | None = None
+    jira_email: str | None = None
+    jira_api_token: SecretStr | None = None
+
+    # --- operations ----------------------------------------------------------------------------
+    api_token: SecretStr | None = None
+    min_free_disk_mb: int = Field(1024, ge=0)
+    run_retention_days: int = Field(30, ge=1)
+
+    # --- tracing -------------------------------------------------------------------------------
+    langfuse_public_key: SecretStr | None = None
+    langfuse_secret_key: SecretStr | None = None
+    langfuse_base_url: str | None = None
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, value: str) -> str:
+        try:
+            limits.parse_many(value)
+        except ValueError as exc:
+            raise ValueError("expected a limit such as 10/minute") from exc
+        return value
+
+    @field_validator(
+        "webhook_secret",
+        "anthropic_api_key",
+        "gh_token",
+        "api_token",
+        "jira_api_token",
+        "database_url",
+        "langfuse_public_key",
+        "langfuse_secret_key",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def is_production(self) -> bool:
+        return self.node_env == "production"
+
+    def secret_values(self) -> list[str]:
+        """Every secret value set, so logs can redact them."""
+        values = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr) and value.get_secret_value():
+                values.append(value.get_secret_value())
+        return values
+
+    def production_problems(self) -> list[str]:
+        """Name every variable that production needs and lacks, or has too weak."""
+        problems = []
+        if not self.repo_url:
+            problems.append("REPO_URL is required")
+        for name in ("anthropic_api_key", "gh_token"):
+            if getattr(self, name) is None:
+                problems.append(f"{name.upper()} is required")
+        for name in ("webhook_secret", "api_token"):
+            value: SecretStr | None = getattr(self, name)
+            if value is None:
+                problems.append(f"{name.upper()} is required")
+            elif len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+                problems.append(f"{name.upper()} must be at least {MIN_SECRET_LENGTH} characters")
+        return problems
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (and .env) into Settings, or raise ConfigError naming every bad variable."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
+            problems.append(f"{variable}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    if settings.is_production and (problems := settings.production_problems()):
+        raise ConfigError("invalid configuration for NODE_ENV=production: " + "; ".join(problems))
+    return settings
