@@ -315,6 +315,8 @@ def test_jira_projects_filter(
     client = client_for(make_settings(jira_projects="PROJ, ops"))
     assert post(client, jira_format("OTHER-1")).json()["status"] == "ignored"
     assert post(client, jira_format("OPS-1")).status_code == 202
+    # A key from another project cannot borrow an allowed project's name.
+    assert post(client, jira_format("OTHER-2", project={"key": "PROJ"})).json()["status"] == "ignored"
     assert [t.key for t, _ in runner.submitted] == ["OPS-1"]
 
 
