@@ -63,7 +63,9 @@ def client_for(runner: RecordingRunner) -> Iterator[Callable[[Settings], TestCli
 
 
 @pytest.fixture
-def client(client_for: Callable[[Settings], TestClient], make_settings: Callable[..., Settings]) -> TestClient:
+def client(
+    client_for: Callable[[Settings], TestClient], make_settings: Callable[..., Settings]
+) -> TestClient:
     return client_for(make_settings())
 
 

@@ -93,8 +93,13 @@ def test_blank_secret_counts_as_unset() -> None:
 def test_the_command_fails_fast_in_production(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "NODE_ENV": "production", "HOME": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, "-m", "app"], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "app"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     for name in PRODUCTION_REQUIRED:

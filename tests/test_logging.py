@@ -66,7 +66,9 @@ def test_no_secret_reaches_the_logs(captured: io.StringIO, make_settings: Callab
         client.post("/webhook/jira", json={"key": "PROJ-1", "summary": "x"}, headers=token)
         client.post("/webhook/jira", json={"key": "PROJ-1", "summary": "x"}, headers=token)
         client.post("/webhook/jira", json={"key": "PROJ-2"}, headers=token)
-        client.post("/webhook/jira", json={"key": "PROJ-3", "summary": "x"}, headers={"X-Webhook-Token": "wrong"})
+        client.post(
+            "/webhook/jira", json={"key": "PROJ-3", "summary": "x"}, headers={"X-Webhook-Token": "wrong"}
+        )
     log = get_logger("test")
     log.info("a careless line", value=SECRETS["gh_token"], nested={"k": [SECRETS["anthropic_api_key"]]})
     log.warning("token in message " + SECRETS["api_token"])

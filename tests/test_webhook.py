@@ -41,7 +41,9 @@ def sign(body: bytes, secret: str = WEBHOOK_SECRET) -> str:
 def post(client: TestClient, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return client.post(
-        "/webhook/jira", content=raw, headers={"Content-Type": "application/json", **(AUTH if headers is None else headers)}
+        "/webhook/jira",
+        content=raw,
+        headers={"Content-Type": "application/json", **(AUTH if headers is None else headers)},
     )
 
 
@@ -71,8 +73,13 @@ def test_a_second_delivery_of_a_running_ticket_is_a_duplicate(
     assert len(runner.submitted) == 1
 
 
-def test_a_delivery_id_of_unexpected_form_is_dropped_not_used(client: TestClient, runner: RecordingRunner) -> None:
-    assert post(client, jira_format(), {**AUTH, "X-Atlassian-Webhook-Identifier": "../../x y"}).status_code == 202
+def test_a_delivery_id_of_unexpected_form_is_dropped_not_used(
+    client: TestClient, runner: RecordingRunner
+) -> None:
+    assert (
+        post(client, jira_format(), {**AUTH, "X-Atlassian-Webhook-Identifier": "../../x y"}).status_code
+        == 202
+    )
     assert runner.submitted[0][1] is None
 
 
@@ -90,7 +97,9 @@ def test_a_delivery_id_of_unexpected_form_is_dropped_not_used(client: TestClient
     ],
     ids=["no-token", "wrong-token", "longer-token", "empty-token", "right-token"],
 )
-def test_token_matrix(client: TestClient, runner: RecordingRunner, headers: dict[str, str], expected: int) -> None:
+def test_token_matrix(
+    client: TestClient, runner: RecordingRunner, headers: dict[str, str], expected: int
+) -> None:
     response = post(client, jira_format(), headers)
     assert response.status_code == expected
     if expected == 401:
@@ -136,7 +145,9 @@ def test_without_a_secret_development_accepts_unauthenticated_posts(
 
 
 def test_a_body_over_the_limit_is_413(
-    client_for: Callable[[Settings], TestClient], make_settings: Callable[..., Settings], runner: RecordingRunner
+    client_for: Callable[[Settings], TestClient],
+    make_settings: Callable[..., Settings],
+    runner: RecordingRunner,
 ) -> None:
     client = client_for(make_settings(max_body_bytes=2048))
     body = jira_format(description="x" * 4096)
@@ -275,7 +286,9 @@ def test_a_comment_event_without_an_issue_is_ignored_not_rejected(
 
 
 def test_issue_updated_without_the_label_being_added_is_ignored(
-    client_for: Callable[[Settings], TestClient], make_settings: Callable[..., Settings], runner: RecordingRunner
+    client_for: Callable[[Settings], TestClient],
+    make_settings: Callable[..., Settings],
+    runner: RecordingRunner,
 ) -> None:
     client = client_for(make_settings(trigger_label="auto-code"))
     body = {
@@ -288,20 +301,26 @@ def test_issue_updated_without_the_label_being_added_is_ignored(
 
 
 def test_issue_updated_adding_the_trigger_label_triggers(
-    client_for: Callable[[Settings], TestClient], make_settings: Callable[..., Settings], runner: RecordingRunner
+    client_for: Callable[[Settings], TestClient],
+    make_settings: Callable[..., Settings],
+    runner: RecordingRunner,
 ) -> None:
     client = client_for(make_settings(trigger_label="auto-code"))
     body = {
         "webhookEvent": "jira:issue_updated",
         **jira_format(labels=["backend", "auto-code"]),
-        "changelog": {"items": [{"field": "labels", "fromString": "backend", "toString": "backend auto-code"}]},
+        "changelog": {
+            "items": [{"field": "labels", "fromString": "backend", "toString": "backend auto-code"}]
+        },
     }
     assert post(client, body).status_code == 202
     assert len(runner.submitted) == 1
 
 
 def test_trigger_label_filters_automation_bodies(
-    client_for: Callable[[Settings], TestClient], make_settings: Callable[..., Settings], runner: RecordingRunner
+    client_for: Callable[[Settings], TestClient],
+    make_settings: Callable[..., Settings],
+    runner: RecordingRunner,
 ) -> None:
     client = client_for(make_settings(trigger_label="auto-code"))
     assert post(client, jira_format(labels=["other"])).json()["status"] == "ignored"
@@ -310,7 +329,9 @@ def test_trigger_label_filters_automation_bodies(
 
 
 def test_jira_projects_filter(
-    client_for: Callable[[Settings], TestClient], make_settings: Callable[..., Settings], runner: RecordingRunner
+    client_for: Callable[[Settings], TestClient],
+    make_settings: Callable[..., Settings],
+    runner: RecordingRunner,
 ) -> None:
     client = client_for(make_settings(jira_projects="PROJ, ops"))
     assert post(client, jira_format("OTHER-1")).json()["status"] == "ignored"
@@ -354,6 +375,8 @@ def test_without_a_runner_the_webhook_answers_503(make_settings: Callable[..., S
 
 def test_docs_show_an_example_for_each_accepted_shape(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
-    examples = spec["paths"]["/webhook/jira"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    examples = spec["paths"]["/webhook/jira"]["post"]["requestBody"]["content"]["application/json"][
+        "examples"
+    ]
     assert {"automation_jira_format", "automation_format", "native_issue_created", "custom"} <= set(examples)
     assert client.get("/docs").status_code == 200

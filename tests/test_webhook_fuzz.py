@@ -19,19 +19,45 @@ from tests.fakes.runner import RecordingRunner
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
     max_leaves=30,
 )
 interesting_keys = st.sampled_from(
-    ["issue", "key", "fields", "summary", "description", "webhookEvent", "changelog", "items", "labels",
-     "project", "id", "self", "issuetype", "reporter", "type", "content", "text", "attrs"]
+    [
+        "issue",
+        "key",
+        "fields",
+        "summary",
+        "description",
+        "webhookEvent",
+        "changelog",
+        "items",
+        "labels",
+        "project",
+        "id",
+        "self",
+        "issuetype",
+        "reporter",
+        "type",
+        "content",
+        "text",
+        "attrs",
+    ]
 )
 BASE = {
     "webhookEvent": "jira:issue_created",
     "issue": {
-        "id": "1", "key": "PROJ-1", "self": "https://x.atlassian.net/rest/api/2/issue/1",
-        "fields": {"summary": "s", "labels": ["a"], "project": {"key": "PROJ"},
-                   "description": {"type": "doc", "content": [{"type": "paragraph", "content": []}]}},
+        "id": "1",
+        "key": "PROJ-1",
+        "self": "https://x.atlassian.net/rest/api/2/issue/1",
+        "fields": {
+            "summary": "s",
+            "labels": ["a"],
+            "project": {"key": "PROJ"},
+            "description": {"type": "doc", "content": [{"type": "paragraph", "content": []}]},
+        },
     },
     "changelog": {"items": [{"field": "labels", "fromString": "", "toString": "a"}]},
 }
@@ -64,7 +90,9 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         webhook_secret=WEBHOOK_SECRET,
         rate_limit="100000/minute",
     )
-    with TestClient(create_app(settings, AlwaysNewRunner().factory()), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(settings, AlwaysNewRunner().factory()), raise_server_exceptions=False
+    ) as client:
         yield client
 
 
@@ -81,7 +109,9 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 @FUZZ
 @given(body=json_values)
 def test_random_json_never_gets_a_5xx(client: TestClient, body: Any) -> None:
-    response = client.post("/webhook/jira", content=json.dumps(body), headers={"X-Webhook-Token": WEBHOOK_SECRET})
+    response = client.post(
+        "/webhook/jira", content=json.dumps(body), headers={"X-Webhook-Token": WEBHOOK_SECRET}
+    )
     assert response.status_code in (200, 202, 400, 422), response.text
 
 
@@ -89,7 +119,9 @@ def test_random_json_never_gets_a_5xx(client: TestClient, body: Any) -> None:
 @given(data=st.data())
 def test_mutated_jira_bodies_never_get_a_5xx(client: TestClient, data: st.DataObject) -> None:
     body = mutate(BASE, data)
-    response = client.post("/webhook/jira", content=json.dumps(body), headers={"X-Webhook-Token": WEBHOOK_SECRET})
+    response = client.post(
+        "/webhook/jira", content=json.dumps(body), headers={"X-Webhook-Token": WEBHOOK_SECRET}
+    )
     assert response.status_code in (200, 202, 400, 422), response.text
     if response.status_code == 422:
         assert response.json()["problems"]
