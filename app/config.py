@@ -100,12 +100,15 @@ class Settings(BaseSettings):
     check_timeout: Duration = timedelta(minutes=15)
     run_timeout: Duration = timedelta(hours=2)
     max_concurrent_tickets: int = Field(2, ge=1)
+    queue_poll_interval: Duration = timedelta(seconds=1)
     database_url: SecretStr | None = None
     replica_id: str = "local"
 
     # --- GitHub --------------------------------------------------------------------------------
     gh_token: SecretStr | None = None
+    gh_enterprise_token: SecretStr | None = None
     gh_host: str | None = None
+    github_repo: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")
 
     # --- Jira report-back ----------------------------------------------------------------------
     jira_base_url: str | None = None
@@ -135,6 +138,7 @@ class Settings(BaseSettings):
         "webhook_secret",
         "anthropic_api_key",
         "gh_token",
+        "gh_enterprise_token",
         "api_token",
         "jira_api_token",
         "database_url",
@@ -150,6 +154,11 @@ class Settings(BaseSettings):
     def is_production(self) -> bool:
         return self.node_env == "production"
 
+    @property
+    def github_token(self) -> SecretStr | None:
+        """The token for git push and gh: GH_TOKEN, else GH_ENTERPRISE_TOKEN (GitHub Enterprise)."""
+        return self.gh_token or self.gh_enterprise_token
+
     def secret_values(self) -> list[str]:
         """Every secret value set, so logs can redact them."""
         values = []
@@ -164,9 +173,10 @@ class Settings(BaseSettings):
         problems = []
         if not self.repo_url:
             problems.append("REPO_URL is required")
-        for name in ("anthropic_api_key", "gh_token"):
-            if getattr(self, name) is None:
-                problems.append(f"{name.upper()} is required")
+        if self.anthropic_api_key is None:
+            problems.append("ANTHROPIC_API_KEY is required")
+        if self.github_token is None:
+            problems.append("GH_TOKEN is required (or GH_ENTERPRISE_TOKEN with GH_HOST)")
         for name in ("webhook_secret", "api_token"):
             value: SecretStr | None = getattr(self, name)
             if value is None:

@@ -8,7 +8,9 @@ AutoCodeError
 ├── WorkspaceError       git state the service cannot use or repair (path outside the workspace, ...)
 │   └── PushRejected     the remote refused the push (protection, rules, a lease that no longer holds)
 ├── AgentError           an agent session could not run at all (CLI missing, crashed before a result)
-└── GitHubError          gh could not find or create the pull request
+├── GitHubError          gh could not find or create the pull request
+├── RunNotFound          no run has that id (HTTP 404)
+└── RunConflict          the run is not in a state that allows the action (HTTP 409)
 """
 
 from __future__ import annotations
@@ -65,3 +67,11 @@ class AgentError(AutoCodeError):
 
 class GitHubError(AutoCodeError):
     """gh could not find or create the pull request."""
+
+
+class RunNotFound(AutoCodeError):
+    """No run has that id."""
+
+
+class RunConflict(AutoCodeError):
+    """The run's state does not allow the action (cancel a finished run, retry a running one)."""

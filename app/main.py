@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,8 +18,16 @@ from slowapi.errors import RateLimitExceeded
 from app.api.dependencies import TicketRunner
 from app.api.security import client_ip
 from app.config import Settings
+from app.errors import RunConflict, RunNotFound
 from app.logger import get_logger, register_secrets
-from app.routes import health, jira
+from app.models import PipelineOptions, Ticket
+from app.routes import health, jira, runs
+from app.services import github, sandbox
+from app.services.checks import Checks, ChecksConfig
+from app.services.claude_code import AgentConfig, ClaudeCode
+from app.services.jira import JiraReporter, LogReporter
+from app.services.runner import Collaborators, ReporterPort, Runner, RunnerConfig, RunResult
+from app.services.workspace import Workspace, WorkspaceConfig
 
 log = get_logger(__name__)
 
@@ -49,13 +60,170 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error", path=request.url.path)
         return _error(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
 
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return _error(status.HTTP_404_NOT_FOUND, str(exc))
+
+    async def conflict(request: Request, exc: Exception) -> JSONResponse:
+        return _error(status.HTTP_409_CONFLICT, str(exc))
+
+    app.add_exception_handler(RunNotFound, not_found)
+    app.add_exception_handler(RunConflict, conflict)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(RateLimitExceeded, rate_limited)
     app.add_exception_handler(Exception, unexpected)
 
 
-def create_app(settings: Settings, runner_factory: RunnerFactory | None = None) -> FastAPI:
+def database_url(settings: Settings) -> str:
+    """DATABASE_URL, else the embedded default: a SQLite file under WORKSPACE_DIR."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return f"sqlite:///{settings.workspace_dir.resolve() / 'auto-code.sqlite'}"
+
+
+def pipeline_options(settings: Settings, open_pr: bool) -> PipelineOptions:
+    """The run switches as settings give them now; each run keeps its own copy."""
+    return PipelineOptions(
+        dry_run=settings.dry_run,
+        run_review=settings.run_review,
+        run_lint=settings.run_lint,
+        run_tests=settings.run_tests,
+        max_fix_rounds=settings.max_fix_rounds,
+        max_budget_usd=settings.max_budget_usd,
+        open_pr=open_pr,
+    )
+
+
+def _agent_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    if settings.anthropic_api_key is not None:
+        env["ANTHROPIC_API_KEY"] = settings.anthropic_api_key.get_secret_value()
+    if settings.anthropic_base_url:
+        env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
+    return env
+
+
+def _check_env(settings: Settings, home: Path) -> dict[str, str]:
+    """The environment of lint and test commands: a toolchain's needs, never a service secret."""
+    keep = ("PATH", "LANG", "LC_ALL", "TZ", *settings.agent_env_passthrough)
+    env = {name: os.environ[name] for name in keep if name in os.environ}
+    return {**env, "HOME": str(home), "CI": "true"}
+
+
+@asynccontextmanager
+async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
+    """Build every collaborator once from the settings, start the durable runner, stop it at the end."""
+    root = settings.workspace_dir.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    token = settings.github_token.get_secret_value() if settings.github_token else None
+    isolation = sandbox.select(settings.sandbox, root, Path.home(), [Path.cwd() / ".env"])
+    workspace = Workspace(
+        WorkspaceConfig(
+            workspace_dir=root,
+            repo_url=settings.repo_url,
+            repo_dir=settings.repo_dir.resolve() if settings.repo_dir else None,
+            base_branch=settings.base_branch,
+            max_file_bytes=settings.max_file_bytes,
+            author_name=settings.git_author_name,
+            author_email=settings.git_author_email,
+            git_timeout=settings.git_timeout.total_seconds(),
+            worktree_ttl=settings.worktree_ttl,
+            allow_ci_config_writes=settings.allow_ci_config_writes,
+        ),
+        token=token,
+    )
+    await workspace.startup()
+    agent = ClaudeCode(
+        AgentConfig(
+            state_dir=root / ".auto-code" / "agent",
+            model=settings.claude_model,
+            max_turns=settings.max_turns,
+            review_max_turns=settings.review_max_turns,
+            phase_timeout=settings.agent_phase_timeout.total_seconds(),
+            max_retries=settings.claude_code_max_retries,
+            api_timeout_ms=settings.api_timeout_ms,
+            anthropic_env=_agent_env(settings),
+            passthrough=settings.agent_env_passthrough,
+            extra_allowed_commands=frozenset(settings.agent_allowed_commands),
+            allow_ci_config_writes=settings.allow_ci_config_writes,
+            sandbox=isolation.prefix if isolation else None,
+        )
+    )
+    checks = Checks(
+        ChecksConfig(
+            lint_command=settings.lint_command,
+            test_command=settings.test_command,
+            timeout=settings.check_timeout.total_seconds(),
+            env=_check_env(settings, root / ".auto-code" / "check-home"),
+        ),
+        wrap=isolation.wrap if isolation else None,
+    )
+    slug = settings.github_repo or (
+        github.repo_slug_from_url(settings.repo_url) if settings.repo_url else None
+    )
+    forge = None
+    if slug and token:
+        forge = github.GitHub(
+            github.GitHubConfig(repo=slug, host=settings.gh_host, state_dir=root / ".auto-code" / "gh"), token
+        )
+
+    async def kill_leftovers() -> None:
+        agent.kill_leftovers()
+
+    async with httpx.AsyncClient() as http:
+        reporter: ReporterPort = LogReporter()
+        if settings.jira_base_url and settings.jira_email and settings.jira_api_token:
+            reporter = JiraReporter(
+                http, settings.jira_base_url, settings.jira_email, settings.jira_api_token.get_secret_value()
+            )
+        runner = Runner(
+            RunnerConfig(
+                database_url=database_url(settings),
+                executor_id=settings.replica_id,
+                options=pipeline_options(settings, open_pr=forge is not None),
+                max_concurrent=settings.max_concurrent_tickets,
+                run_timeout=settings.run_timeout.total_seconds(),
+                polling_interval=settings.queue_poll_interval.total_seconds(),
+            ),
+            Collaborators(
+                workspace=workspace,
+                agent=agent,
+                checks=checks,
+                pull_requests=forge,
+                reporter=reporter,
+                pr_body=render_pr_body,
+                before_start=kill_leftovers,
+            ),
+        )
+        async with runner:
+            yield runner
+
+
+def render_pr_body(result: RunResult, ticket: Ticket) -> str:
+    """The PR description from what the run recorded."""
+    return github.pr_body(
+        ticket_key=ticket.key,
+        ticket_url=ticket.url,
+        ticket_title=ticket.summary,
+        summary=result.summary,
+        findings=[github.ReviewFinding(finding=text, resolution="fixed") for text in result.review_findings],
+        review_rounds=len(result.review_findings),
+        gates=[
+            github.GateReport(
+                name=report.gate.value,
+                status=report.status,
+                detail=report.detail,
+                preexisting=[report.preexisting] if report.preexisting else [],
+            )
+            for report in result.gates
+        ],
+        turns=result.turns,
+        cost_usd=result.cost_usd,
+        run_id=result.run_id,
+    )
+
+
+def create_app(settings: Settings, runner_factory: RunnerFactory | None = default_runner) -> FastAPI:
     """Build the app for these settings; the lifespan starts the runner that `runner_factory` makes."""
     register_secrets(settings.secret_values())
 
@@ -63,18 +231,22 @@ def create_app(settings: Settings, runner_factory: RunnerFactory | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.webhook_secret is None:
             log.warning("WEBHOOK_SECRET is not set: webhook authentication is disabled (development only)")
+        if settings.api_token is None:
+            log.warning("API_TOKEN is not set: the runs API answers loopback callers only (development only)")
         if runner_factory is None:
             app.state.runner = None
             yield
             return
         async with runner_factory(settings) as runner:
             app.state.runner = runner
+            app.state.runs = runner
             log.info("service ready", port=settings.claude_code_api_port, env=settings.node_env)
             try:
                 yield
             finally:
                 app.state.draining = True
                 app.state.runner = None
+                app.state.runs = None
 
     app = FastAPI(
         title="auto-code",
@@ -88,6 +260,7 @@ def create_app(settings: Settings, runner_factory: RunnerFactory | None = None) 
     app.state.limiter = limiter
     _install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(runs.router)
     app.add_api_route(
         "/webhook/jira",
         limiter.limit(settings.rate_limit)(jira.webhook),

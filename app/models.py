@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from enum import StrEnum
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -44,3 +45,106 @@ class Submission(BaseModel):
 
     run_id: str
     duplicate: bool = False
+
+
+class RunState(StrEnum):
+    """Where a run is; all but the first two are final.
+
+    PUSHED is for a repository with no forge configured (REPO_DIR, or no GitHub repository): the branch
+    is pushed and there is no PR to open.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    PR_OPENED = "pr_opened"
+    PUSHED = "pushed"
+    NO_CHANGES = "no_changes"
+    DRY_RUN = "dry_run"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class StepName(StrEnum):
+    """The pipeline's steps, in order. Renaming one changes the durable workflow: see runner.py."""
+
+    PREPARE_WORKSPACE = "prepare_workspace"
+    IMPLEMENT = "implement"
+    REVIEW = "review"
+    LINT = "lint"
+    TEST = "test"
+    BASELINE = "baseline"
+    FIX = "fix"
+    COMMIT = "commit"
+    PUSH = "push"
+    OPEN_PR = "open_pr"
+    REPORT = "report"
+
+
+class Gate(StrEnum):
+    """A check the change must pass before the PR opens, in the order they run."""
+
+    REVIEW = "review"
+    LINT = "lint"
+    TEST = "test"
+
+
+class PipelineOptions(BaseModel):
+    """The run's switches, fixed when the ticket is accepted so a recovered run behaves the same."""
+
+    dry_run: bool = False
+    run_review: bool = True
+    run_lint: bool = True
+    run_tests: bool = True
+    max_fix_rounds: int = 2
+    max_budget_usd: float = 5.0
+    open_pr: bool = True
+
+    def gates(self) -> list[Gate]:
+        """The enabled gates, in order."""
+        enabled = {Gate.REVIEW: self.run_review, Gate.LINT: self.run_lint, Gate.TEST: self.run_tests}
+        return [gate for gate in Gate if enabled[gate]]
+
+
+AgentOutcome = Literal["success", "max_turns", "budget", "api_error", "timeout", "cli_missing", "crashed"]
+
+
+class AgentResult(BaseModel):
+    """How one agent phase ended, with what it cost."""
+
+    session_id: str
+    outcome: AgentOutcome
+    reason: str = ""
+    turns: int = 0
+    cost_usd: float = 0.0
+    usage: dict[str, int] = Field(default_factory=dict)
+    summary: str = ""
+    denials: list[str] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "success"
+
+
+ReviewVerdict = Literal["passed", "has_issues", "inconclusive"]
+
+
+class ReviewResult(BaseModel):
+    """The read-only review of a diff: a verdict, the findings, and the session that made them."""
+
+    verdict: ReviewVerdict
+    findings: str = ""
+    agent: AgentResult
+
+
+CheckStatus = Literal["passed", "failed", "skipped"]
+
+
+class CheckResult(BaseModel):
+    """One run of the target repo's lint or test command."""
+
+    gate: Gate
+    status: CheckStatus
+    command: list[str] = Field(default_factory=list)
+    output: str = ""
+    duration: float = 0.0
+    reason: str = ""

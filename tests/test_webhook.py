@@ -367,7 +367,7 @@ def test_rate_limit_keys_on_proxy_headers_only_when_trusted(
 
 
 def test_without_a_runner_the_webhook_answers_503(make_settings: Callable[..., Settings]) -> None:
-    with TestClient(create_app(make_settings())) as client:
+    with TestClient(create_app(make_settings(), runner_factory=None)) as client:
         response = post(client, jira_format())
     assert response.status_code == 503
     assert "error" in response.json()
