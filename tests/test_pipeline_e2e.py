@@ -1,0 +1,39 @@
+"""The pipeline end to end: webhook over real HTTP to a PR opened by the real gh on a fake GitHub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.demo.sample import demo_scripts
+from tests.pipeline import GITHUB_TOKEN, Stack, ticket_body
+
+pytestmark = pytest.mark.e2e
+
+
+def test_webhook_to_pull_request(tmp_path: Path) -> None:
+    with Stack(tmp_path, demo_scripts()) as stack:
+        service = stack.service()
+        accepted = service.post_ticket(ticket_body(), delivery="delivery-1")
+        assert accepted["status"] == "accepted"
+        run = service.wait_for(accepted["run_id"])
+
+        assert run["state"] == "pr_opened", run
+        head = stack.origin_branch("ticket/shop-1")
+        assert head is not None and head == run["result"]["commit"]
+        assert {"shop/slug.py", "tests/test_slug.py"} <= set(stack.origin_files("ticket/shop-1"))
+        (pull,) = stack.github.pulls
+        assert run["pr_url"] == stack.github.url("acme/widgets", pull.number)
+        assert pull.title == "SHOP-1: Add a slugify helper for product names"
+        assert "SHOP-1" in pull.body and "lint" in pull.body
+        assert stack.github.operations().count("PullRequestCreate") == 1
+        assert all(
+            request.authorization in (None, f"token {GITHUB_TOKEN}") for request in stack.github.requests
+        )
+        # Both fixes went to the implementation session, which the model saw resumed with its history.
+        session = run["result"]["session_id"]
+        fixes = [step for step in run["steps"] if step["name"] == "fix"]
+        assert len(fixes) == 2
+        assert [s["name"] for s in run["steps"]][:2] == ["prepare_workspace", "implement"]
+        assert session
