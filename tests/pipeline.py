@@ -72,7 +72,7 @@ class Service:
     def start(self, timeout: float = 60) -> Service:
         """Start the process and wait until /health answers."""
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(  # noqa: S603
+        self.process = subprocess.Popen(
             [sys.executable, "-m", "app"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout
@@ -239,7 +239,7 @@ class Stack:
     def origin_branch(self, branch: str) -> str | None:
         """The commit `branch` points at in the origin, or None."""
         done = subprocess.run(
-            ["git", "-C", str(self.origin), "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"],  # noqa: S607
+            ["git", "-C", str(self.origin), "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"],
             capture_output=True,
             text=True,
             check=False,
@@ -248,7 +248,7 @@ class Stack:
 
     def origin_files(self, branch: str) -> list[str]:
         done = subprocess.run(
-            ["git", "-C", str(self.origin), "ls-tree", "-r", "--name-only", branch],  # noqa: S607
+            ["git", "-C", str(self.origin), "ls-tree", "-r", "--name-only", branch],
             capture_output=True,
             text=True,
             check=True,
