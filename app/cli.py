@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Any
+
+import uvicorn
 
 from app.config import Settings, load_settings
 from app.errors import ConfigError
-from app.logger import configure_logging
+from app.logger import configure_logging, get_logger
+
+log = get_logger(__name__)
 
 
 def _settings_or_exit() -> Settings:
@@ -24,20 +30,41 @@ def _settings_or_exit() -> Settings:
 
 def serve(settings: Settings) -> None:
     """Run the HTTP service until SIGTERM or Ctrl-C."""
-    import uvicorn
-
     from app.main import create_app
 
     configure_logging(settings.log_level, settings.secret_values())
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.claude_code_api_port,
         log_config=None,
         proxy_headers=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=5,
     )
+    DrainingServer(config, app.state, settings.shutdown_drain.total_seconds()).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM drains first: new tickets get 503 for `drain_seconds`, then
+    the server shuts down and runs in flight are interrupted (they resume on the next start)."""
+
+    def __init__(self, config: uvicorn.Config, state: Any, drain_seconds: float) -> None:
+        super().__init__(config)
+        self._state = state
+        self._drain_seconds = drain_seconds
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._drain_seconds <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self._state.draining = True
+        log.info("draining: new tickets get 503 until shutdown", seconds=self._drain_seconds)
+        timer = threading.Timer(self._drain_seconds, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
 
 
 def _when(epoch: float | None) -> str:
@@ -125,11 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the webhook service (the default)")
     demo = commands.add_parser("demo", help="process a sample ticket end to end, offline, with no keys")
     demo.add_argument("--keep", action="store_true", help="keep the demo's temporary directory")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url", help="the service's base URL (default http://127.0.0.1:CLAUDE_CODE_API_PORT)"
+    )
+    common.add_argument("--json", action="store_true", help="print the API's JSON")
     runs = commands.add_parser("runs", help="see, cancel and retry runs of the running service")
-    runs.add_argument("--url", help="the service's base URL (default http://127.0.0.1:CLAUDE_CODE_API_PORT)")
-    runs.add_argument("--json", action="store_true", help="print the API's JSON")
     actions = runs.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="list runs, newest first")
+    listing = actions.add_parser("list", help="list runs, newest first", parents=[common])
     listing.add_argument("--ticket", help="only runs of this ticket, e.g. PROJ-1")
     listing.add_argument("--state", help="only runs in this state, e.g. running, failed")
     for action, text in (
@@ -137,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", "cancel a run"),
         ("retry", "retry a run"),
     ):
-        actions.add_parser(action, help=text).add_argument("run_id")
+        actions.add_parser(action, help=text, parents=[common]).add_argument("run_id")
     return parser
 
 

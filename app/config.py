@@ -118,6 +118,7 @@ class Settings(BaseSettings):
     # --- operations ----------------------------------------------------------------------------
     api_token: SecretStr | None = None
     min_free_disk_mb: int = Field(1024, ge=0)
+    shutdown_drain: Duration = timedelta(seconds=2)
     run_retention_days: int = Field(30, ge=1)
 
     # --- tracing -------------------------------------------------------------------------------

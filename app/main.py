@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -170,6 +172,17 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
     async def kill_leftovers() -> None:
         agent.kill_leftovers()
 
+    def preflight() -> str | None:
+        free_mb = shutil.disk_usage(root).free // (1024 * 1024)
+        if free_mb < settings.min_free_disk_mb:
+            return (
+                f"only {free_mb} MB free under WORKSPACE_DIR; MIN_FREE_DISK_MB is {settings.min_free_disk_mb}"
+            )
+        return None
+
+    async def cleanup_agent_state(cutoff: float) -> int:
+        return await asyncio.to_thread(agent.remove_state_before, cutoff)
+
     async with httpx.AsyncClient() as http:
         reporter: ReporterPort = LogReporter()
         if settings.jira_base_url and settings.jira_email and settings.jira_api_token:
@@ -184,6 +197,7 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
                 max_concurrent=settings.max_concurrent_tickets,
                 run_timeout=settings.run_timeout.total_seconds(),
                 polling_interval=settings.queue_poll_interval.total_seconds(),
+                retention_days=settings.run_retention_days,
             ),
             Collaborators(
                 workspace=workspace,
@@ -193,6 +207,9 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
                 reporter=reporter,
                 pr_body=render_pr_body,
                 before_start=kill_leftovers,
+                preflight=preflight,
+                cleanup_worktrees=workspace.cleanup_expired,
+                cleanup_agent_state=cleanup_agent_state,
             ),
         )
         async with runner:

@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import time
 import uuid
@@ -476,6 +477,25 @@ class ClaudeCode:
                 log.warning("killed agent left by a previous process", pid=pid, run_id=pidfile.parent.name)
             pidfile.unlink(missing_ok=True)
         return killed
+
+    def remove_state_before(self, cutoff: float) -> int:
+        """Remove session homes (transcripts) and run dirs untouched since `cutoff` (epoch seconds)."""
+        removed = 0
+        for kind in ("sessions", "runs"):
+            for path in (self.config.state_dir / kind).glob("*"):
+                if (path / PIDFILE).exists() or _newest_mtime(path) >= cutoff:
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.stat().st_mtime
+    for child in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            newest = max(newest, child.lstat().st_mtime)
+    return newest
 
 
 def _read_pid(pidfile: Path) -> int | None:

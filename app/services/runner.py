@@ -6,13 +6,15 @@ pure function of its input and of the recorded step results; everything that tou
 step, and every step is written to be safe to run again.
 
 The step names and their order are part of the recorded history: a run in flight whose code changes
-its sequence fails on recovery with DBOSUnexpectedStepError. tests/test_runner.py pins them. To change
-them, bump WORKFLOW_VERSION and drain: keep one replica on the old version until its runs have ended
-(`GET /runs?state=running`), then roll the rest.
+its sequence fails on recovery with DBOSUnexpectedStepError. tests/test_pipeline_durability.py pins
+them. To change them, bump WORKFLOW_VERSION. A replica runs and recovers only runs of its own version,
+so drain before the new version takes over: stop intake on every replica (SIGTERM or no traffic), let
+`GET /runs?state=queued` and `GET /runs?state=running` empty on the old version, then deploy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -163,6 +165,12 @@ class Collaborators:
     reporter: ReporterPort
     pr_body: PrBody
     before_start: Callable[[], Awaitable[None]] | None = None
+    # Why a run cannot start right now (low disk, ...), or None.
+    preflight: Callable[[], str | None] | None = None
+    # Housekeeping: remove worktrees past their TTL except those of these tickets; remove agent
+    # state older than a cutoff (epoch seconds).
+    cleanup_worktrees: Callable[[set[str]], Awaitable[list[Path]]] | None = None
+    cleanup_agent_state: Callable[[float], Awaitable[int]] | None = None
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -248,6 +256,9 @@ class Pipeline:
         return max(run.options.max_budget_usd - spent, 0.0)
 
     async def prepare(self, run: RunInput) -> dict[str, Any]:
+        problem = self.parts.preflight() if self.parts.preflight else None
+        if problem is not None:
+            return _err(f"the run cannot start: {problem}")
         worktree = await self.parts.workspace.prepare(run.ticket.key)
         # The session id is chosen here and recorded, so every later phase and every restart resumes it.
         session_id = run.session_id or str(uuid.uuid4())
@@ -694,6 +705,8 @@ class RunnerConfig:
     run_timeout: float = 7200
     polling_interval: float = 1.0
     app_version: str = WORKFLOW_VERSION
+    retention_days: float = 30
+    housekeeping_interval: float = 3600
 
 
 def run_id_for(ticket: Ticket, delivery_id: str | None) -> str:
@@ -711,6 +724,7 @@ class Runner:
         self.config = config
         self.pipeline = Pipeline(parts)
         self._queue: Any = None
+        self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Kill what a crashed process left, then launch DBOS (which resumes interrupted runs)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,14 @@ def probe(bwrap: str | None = None) -> str | None:
     return None
 
 
+def _tool_dirs() -> tuple[Path, ...]:
+    """Where the service's Python, its venv and the bundled CLI live."""
+    import claude_agent_sdk
+
+    paths = {Path(sys.prefix), Path(sys.base_prefix), Path(claude_agent_sdk.__file__).parent}
+    return tuple(sorted(path.resolve() for path in paths))
+
+
 def _git_dirs(worktree: Path) -> tuple[Path | None, Path | None]:
     """The shared clone's .git and this worktree's own admin dir, read from the worktree's .git file."""
     marker = worktree / ".git"
@@ -79,6 +88,7 @@ class Sandbox:
     workspace_dir: Path
     user_home: Path | None = None
     masked_files: Sequence[Path] = field(default_factory=tuple)
+    tool_dirs: Sequence[Path] = field(default_factory=lambda: _tool_dirs())
 
     def _masks(self) -> list[str]:
         args: list[str] = []
@@ -106,6 +116,10 @@ class Sandbox:
             *self._masks(),
             "--tmpfs", str(self.workspace_dir.resolve()),
         ]  # fmt: skip
+        # The interpreter, the venv and the CLI stay visible even when they live under a hidden path.
+        for tool in self.tool_dirs:
+            if tool.is_relative_to("/tmp") or tool.is_relative_to(self.workspace_dir.resolve()):  # noqa: S108
+                args += ["--ro-bind", str(tool), str(tool)]
         common, admin = _git_dirs(worktree)
         if common is not None:
             args += ["--ro-bind", str(common), str(common)]
