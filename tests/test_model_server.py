@@ -117,6 +117,13 @@ def test_select_turn_on_a_resumed_conversation_plays_the_new_script() -> None:
     assert round_two.tool_use_id(0) != chosen.tool_use_id(0)
 
 
+def test_select_turn_after_an_interruption_follows_the_latest_prompt_in_a_folded_message() -> None:
+    # After a crash the CLI sends the old prompt, the interrupted tool's result and the new prompt together.
+    folded = [user("IMPLEMENT ABC-1", "No response requested.", "FIX what was left")]
+    chosen = select_turn([IMPLEMENT, FIX], folded, DEFAULT)
+    assert (chosen.script, chosen.turn_index) == (FIX, 0)
+
+
 def test_select_turn_ignores_tool_output_and_reminders_and_falls_back_to_default() -> None:
     conversation = [
         user("IMPLEMENT it"),

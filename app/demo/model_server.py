@@ -158,8 +158,10 @@ def prompt_texts(message: Message) -> list[str]:
 def select_turn(scripts: Sequence[Script], messages: Conversation, default: Script) -> Selection:
     """Choose the next turn from the conversation alone.
 
-    The anchor is the most recent user message whose prompt text contains a script's trigger (the first
-    matching script wins); the turn index is the number of assistant turns (runs of consecutive assistant
+    The anchor is the most recent user message whose prompt text contains a script's trigger (within a
+    message, the latest text block with a trigger decides: the CLI folds a prompt sent after an
+    interruption into the message that holds the earlier one; then the first matching script wins); the
+    turn index is the number of assistant turns (runs of consecutive assistant
     messages) after it. Without any match the default script is anchored at the latest user prompt.
     """
     anchor, script_index = -1, None
@@ -172,7 +174,11 @@ def select_turn(scripts: Sequence[Script], messages: Conversation, default: Scri
             continue
         if anchor < 0:
             anchor = index
-        hit = next((i for i, s in enumerate(scripts) if any(s.trigger in t for t in texts)), None)
+        hit = None
+        for text in reversed(texts):
+            hit = next((i for i, s in enumerate(scripts) if s.trigger in text), None)
+            if hit is not None:
+                break
         if hit is not None:
             anchor, script_index = index, hit
             break

@@ -62,6 +62,7 @@ SLUG_TEST = (
 )
 
 IMPLEMENT_TRIGGER = "Implement this Jira ticket"
+CONTINUE_TRIGGER = "The service was interrupted"
 REVIEW_TRIGGER = "Review this uncommitted change"
 LINT_FIX_TRIGGER = "`ruff check .` failed"
 TEST_FIX_TRIGGER = "`python -m pytest -q` failed"
@@ -80,6 +81,20 @@ def demo_scripts() -> list[Script]:
                 Turn(tool_calls=[ToolCall.write("tests/test_slug.py", SLUG_TEST)]),
             ],
             final_text="Added shop/slug.py with slugify() and tests/test_slug.py covering it.",
+        ),
+        # After a crash or a deploy the resumed session is asked to finish: it (re)writes both files.
+        Script(
+            CONTINUE_TRIGGER,
+            [
+                Turn(
+                    text="Picking up where I was interrupted.",
+                    tool_calls=[
+                        ToolCall.write("shop/slug.py", SLUG_WITH_PROBLEMS),
+                        ToolCall.write("tests/test_slug.py", SLUG_TEST),
+                    ],
+                )
+            ],
+            final_text="Finished the slug module and its test after the interruption.",
         ),
         Script(
             REVIEW_TRIGGER,
