@@ -136,7 +136,7 @@ class ReviewResult(BaseModel):
     agent: AgentResult
 
 
-CheckStatus = Literal["passed", "failed", "skipped"]
+CheckStatus = Literal["passed", "failed", "skipped", "error"]
 
 
 class CheckResult(BaseModel):

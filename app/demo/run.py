@@ -94,7 +94,8 @@ def summary(record: RunRecord, origin: Path) -> str:
     fixes = [step for step in record.steps if step.name == "fix"]
     lines += [
         f"Files changed: {', '.join(result.files) or '-'} (+{result.insertions} -{result.deletions})",
-        f"Fix rounds: {len(fixes)}, all on the resumed agent session {result.session_id}",
+        f"Fix rounds: {len(fixes)}"
+        + (f", all on the resumed agent session {result.session_id}" if fixes else ""),
     ]
     lines += [f"  - {step.summary}" for step in fixes]
     lines.append(f"Gates: {', '.join(f'{g.gate.value} {g.status}' for g in result.gates) or '-'}")

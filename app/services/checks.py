@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,14 @@ class Checks:
             return CheckResult(
                 gate=gate, status="skipped", reason=f"no {gate.value} command configured or found"
             )
+        if (
+            shutil.which(argv[0], path=self._config.env.get("PATH")) is None
+            and not (repo / argv[0]).is_file()
+        ):
+            # Not a failure of the change, nor of the base branch: the run cannot check at all.
+            reason = f"{argv[0]} is not installed (not on the PATH of the {gate.value} command)"
+            log.warning("check cannot run", gate=gate.value, command=argv[0])
+            return CheckResult(gate=gate, status="error", command=argv, reason=reason)
         try:
             done = await proc.run(
                 self._wrap(argv, repo),

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dbos import DBOS, DBOSConfig, SetEnqueueOptions, SetWorkflowID, SetWorkflowTimeout
-from dbos._error import DBOSException
+from dbos._error import DBOSException, DBOSWorkflowIDInUseError
 from dbos._serialization import DBOSPortableJSON
 from pydantic import BaseModel, Field
 
@@ -602,6 +602,12 @@ class _Flow:
         if not output["ok"]:
             return None, GateReport(gate=gate, status="error"), self.fail(step, output["error"])
         check = CheckResult.model_validate(output["check"])
+        if check.status == "error":
+            return (
+                None,
+                GateReport(gate=gate, status="error", detail=check.reason),
+                self.fail(step, check.reason),
+            )
         if check.status != "failed":
             return None, GateReport(gate=gate, status=check.status, detail=check.reason), None
         if gate not in baselines:
@@ -782,12 +788,18 @@ class Runner:
             session_id=session_id,
             retry_of=retry_of,
         )
-        with (
-            SetWorkflowID(run_id),
-            SetWorkflowTimeout(self.config.run_timeout + 600),
-            SetEnqueueOptions(deduplication_id=ticket.key, duplication_policy="return-existing"),
-        ):
-            handle = await self._queue.enqueue_async(_ticket_run, run.model_dump(mode="json"))
+        try:
+            # "reject": of concurrent deliveries with one id, exactly one creates the run (checked
+            # in the database, so across replicas too); the others are told they are duplicates.
+            with (
+                SetWorkflowID(run_id, workflow_id_reuse_policy="reject"),
+                SetWorkflowTimeout(self.config.run_timeout + 600),
+                SetEnqueueOptions(deduplication_id=ticket.key, duplication_policy="return-existing"),
+            ):
+                handle = await self._queue.enqueue_async(_ticket_run, run.model_dump(mode="json"))
+        except DBOSWorkflowIDInUseError:
+            log.info("run duplicate", ticket=ticket.key, run_id=run_id)
+            return Submission(run_id=run_id, duplicate=True)
         duplicate = handle.workflow_id != run_id
         log.info("run duplicate" if duplicate else "run queued", ticket=ticket.key, run_id=handle.workflow_id)
         return Submission(run_id=handle.workflow_id, duplicate=duplicate)

@@ -1,0 +1,148 @@
+"""checks: commands from settings or detected from the repository, results, and what is new against base."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from app.models import CheckResult, Gate
+from app.services.checks import Checks, ChecksConfig, detect_command, failure_fingerprints, new_failures
+
+ENV = {"PATH": os.environ["PATH"]}
+
+
+def repo(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+    return tmp_path
+
+
+SCRIPTS = json.dumps({"scripts": {"lint": "eslint .", "test": "vitest run"}})
+
+
+@pytest.mark.parametrize(
+    ("files", "lint", "test"),
+    [
+        ({"package.json": SCRIPTS, "pnpm-lock.yaml": ""}, ["pnpm", "run", "lint"], ["pnpm", "run", "test"]),
+        (
+            {"package.json": SCRIPTS, "package-lock.json": "{}"},
+            ["npm", "run", "lint"],
+            ["npm", "run", "test"],
+        ),
+        ({"package.json": SCRIPTS, "yarn.lock": ""}, ["yarn", "run", "lint"], ["yarn", "run", "test"]),
+        ({"package.json": json.dumps({"scripts": {"build": "tsc"}})}, None, None),
+        (
+            {"pyproject.toml": "[tool.ruff]\n[tool.pytest.ini_options]\n"},
+            ["ruff", "check", "."],
+            ["python", "-m", "pytest", "-q"],
+        ),
+        (
+            {"pyproject.toml": "[project]\nname='x'\n", "tests/test_x.py": ""},
+            None,
+            ["python", "-m", "pytest", "-q"],
+        ),
+        ({"Makefile": "lint:\n\techo\ntest:\n\techo\n"}, ["make", "lint"], ["make", "test"]),
+        ({"Makefile": "VAR := 1\nbuild:\n\techo\n"}, None, None),
+        ({"README.md": "nothing to run"}, None, None),
+    ],
+)
+def test_detects_the_repositorys_own_commands(
+    tmp_path: Path, files: dict[str, str], lint: list[str] | None, test: list[str] | None
+) -> None:
+    root = repo(tmp_path, files)
+    assert detect_command(Gate.LINT, root) == lint
+    assert detect_command(Gate.TEST, root) == test
+
+
+def test_configured_commands_win_and_are_parsed_to_argv(tmp_path: Path) -> None:
+    checks = Checks(ChecksConfig(lint_command="ruff check 'src dir'", test_command="make check", env=ENV))
+    root = repo(tmp_path, {"Makefile": "lint:\n\techo\n"})
+    assert checks.command_for(Gate.LINT, root) == ["ruff", "check", "src dir"]
+    assert checks.command_for(Gate.TEST, root) == ["make", "check"]
+
+
+def run(checks: Checks, gate: Gate, root: Path) -> CheckResult:
+    return asyncio.run(checks.run(gate, root))
+
+
+def test_no_command_is_skipped_never_passed(tmp_path: Path) -> None:
+    result = run(Checks(ChecksConfig(env=ENV)), Gate.LINT, repo(tmp_path, {"README.md": "x"}))
+    assert result.status == "skipped" and "no lint command" in result.reason
+
+
+def test_pass_and_fail_with_the_output_tail(tmp_path: Path) -> None:
+    root = repo(tmp_path, {"ok.sh": "echo fine\n", "bad.sh": "echo broken >&2; exit 3\n"})
+    passed = run(Checks(ChecksConfig(lint_command="sh ok.sh", env=ENV)), Gate.LINT, root)
+    assert passed.status == "passed" and "fine" in passed.output
+    failed = run(Checks(ChecksConfig(test_command="sh bad.sh", env=ENV)), Gate.TEST, root)
+    assert failed.status == "failed" and "broken" in failed.output and "3" in failed.reason
+
+
+def test_a_missing_tool_is_an_error_not_a_failure_of_the_change(tmp_path: Path) -> None:
+    result = run(Checks(ChecksConfig(lint_command="no-such-linter .", env=ENV)), Gate.LINT, tmp_path)
+    assert result.status == "error"
+    assert "no-such-linter is not installed" in result.reason
+
+
+def test_a_check_past_its_timeout_fails_saying_so(tmp_path: Path) -> None:
+    result = run(Checks(ChecksConfig(test_command="sleep 30", timeout=0.5, env=ENV)), Gate.TEST, tmp_path)
+    assert result.status == "failed" and "timed out" in result.reason
+
+
+def test_the_wrapper_runs_the_command(tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+
+    def wrap(argv: list[str], cwd: Path) -> list[str]:
+        seen.append(list(argv))
+        return ["env", *argv]
+
+    result = run(Checks(ChecksConfig(lint_command="echo wrapped", env=ENV), wrap=wrap), Gate.LINT, tmp_path)
+    assert seen == [["echo", "wrapped"]] and result.status == "passed"
+
+
+PYTEST_BASE = "FAILED tests/test_a.py::test_old - assert 1 == 2\n1 failed, 3 passed"
+PYTEST_BRANCH = (
+    "FAILED tests/test_a.py::test_old - assert 1 == 2\nFAILED tests/test_b.py::test_new - boom\n2 failed"
+)
+RUFF_BASE = "app/x.py:10:5: F401 `os` imported but unused"
+RUFF_BRANCH = "app/x.py:14:5: F401 `os` imported but unused\napp/y.py:3:1: E501 Line too long"
+
+
+def result(output: str, status: str = "failed") -> CheckResult:
+    return CheckResult(gate=Gate.TEST, status=status, command=["x"], output=output)  # type: ignore[arg-type]
+
+
+def test_fingerprints_ignore_line_numbers() -> None:
+    assert failure_fingerprints(RUFF_BASE) == failure_fingerprints(
+        "app/x.py:99:1: F401 `os` imported but unused"
+    )
+
+
+def test_only_new_failures_are_fed_back() -> None:
+    fresh = new_failures(result(PYTEST_BRANCH), result(PYTEST_BASE))
+    assert (
+        fresh is not None
+        and "test_new" in fresh.split("Output:")[0]
+        and "test_old" not in fresh.split("Output:")[0]
+    )
+    moved = new_failures(result(RUFF_BRANCH), result(RUFF_BASE))
+    assert (
+        moved is not None
+        and "app/y.py" in moved.split("Output:")[0]
+        and "app/x.py" not in moved.split("Output:")[0]
+    )
+
+
+def test_failures_all_present_on_base_are_not_fed_back() -> None:
+    assert new_failures(result(PYTEST_BASE), result(PYTEST_BASE)) is None
+    assert new_failures(result("it broke"), result("it broke too")) is None
+
+
+def test_a_passing_or_missing_baseline_makes_every_failure_new() -> None:
+    assert new_failures(result(PYTEST_BRANCH), result("", "passed")) == PYTEST_BRANCH
+    assert new_failures(result(PYTEST_BRANCH), None) == PYTEST_BRANCH
