@@ -49,8 +49,7 @@ def test_demo_from_a_fresh_clone_offline_without_keys(tmp_path: Path) -> None:
     assert "ruff check ." in output and "python -m pytest -q" in output
     assert "Gates: review passed, lint passed, test passed" in output
     assert "Branch: ticket/shop-1 at " in output
-    steps = [
-        line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ") and len(line.split()) > 1
-    ]
+    progress = done.stdout.split("steps as they finish:")[1].split("Outcome:")[0]
+    steps = [line.split()[0] for line in progress.splitlines() if line.strip()]
     assert steps.count("fix") == 2 and steps[-1] == "report"
     assert steps.index("fix") < steps.index("commit")
