@@ -180,8 +180,8 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
             )
         return None
 
-    async def cleanup_agent_state(cutoff: float) -> int:
-        return await asyncio.to_thread(agent.remove_state_before, cutoff)
+    async def cleanup_agent_state(cutoff: float, runs: set[str], sessions: set[str]) -> int:
+        return await asyncio.to_thread(agent.remove_state_before, cutoff, runs, sessions)
 
     async with httpx.AsyncClient() as http:
         reporter: ReporterPort = LogReporter()

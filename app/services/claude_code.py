@@ -478,12 +478,13 @@ class ClaudeCode:
             pidfile.unlink(missing_ok=True)
         return killed
 
-    def remove_state_before(self, cutoff: float) -> int:
-        """Remove session homes (transcripts) and run dirs untouched since `cutoff` (epoch seconds)."""
+    def remove_state_before(self, cutoff: float, keep_runs: set[str], keep_sessions: set[str]) -> int:
+        """Remove session homes (transcripts) and run dirs untouched since `cutoff` (epoch seconds),
+        except those of the runs and sessions still in use."""
         removed = 0
-        for kind in ("sessions", "runs"):
+        for kind, keep in (("sessions", keep_sessions), ("runs", keep_runs)):
             for path in (self.config.state_dir / kind).glob("*"):
-                if (path / PIDFILE).exists() or _newest_mtime(path) >= cutoff:
+                if path.name in keep or (path / PIDFILE).exists() or _newest_mtime(path) >= cutoff:
                     continue
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1

@@ -15,12 +15,14 @@ so drain before the new version takes over: stop intake on every replica (SIGTER
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -167,10 +169,10 @@ class Collaborators:
     before_start: Callable[[], Awaitable[None]] | None = None
     # Why a run cannot start right now (low disk, ...), or None.
     preflight: Callable[[], str | None] | None = None
-    # Housekeeping: remove worktrees past their TTL except those of these tickets; remove agent
-    # state older than a cutoff (epoch seconds).
-    cleanup_worktrees: Callable[[set[str]], Awaitable[list[Path]]] | None = None
-    cleanup_agent_state: Callable[[float], Awaitable[int]] | None = None
+    # Housekeeping: remove worktrees past their TTL at `now` except those of active tickets; remove
+    # agent state older than a cutoff (epoch seconds) except that of active runs and sessions.
+    cleanup_worktrees: Callable[[set[str], datetime], Awaitable[list[Path]]] | None = None
+    cleanup_agent_state: Callable[[float, set[str], set[str]], Awaitable[int]] | None = None
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -754,6 +756,7 @@ class Runner:
             global_concurrency=self.config.max_concurrent,
             polling_interval_sec=self.config.polling_interval,
         )
+        self._housekeeping = asyncio.create_task(self._housekeeping_loop())
         log.info(
             "runner started", executor_id=self.config.executor_id, max_concurrent=self.config.max_concurrent
         )
@@ -761,8 +764,57 @@ class Runner:
     async def stop(self) -> None:
         """Stop taking work; runs in flight resume on the next start."""
         global _pipeline
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
         DBOS.destroy(workflow_completion_timeout_sec=0)
         _pipeline = None
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            try:
+                await self.housekeeping()
+            except Exception:
+                log.exception("housekeeping failed")
+            await asyncio.sleep(self.config.housekeeping_interval)
+
+    async def housekeeping(self, now: float | None = None) -> dict[str, int]:
+        """Remove expired worktrees, and run records and agent state past retention; never those of a
+        queued or running run."""
+        now = time.time() if now is None else now
+        statuses = await DBOS.list_workflows_async(
+            name=WORKFLOW_NAME, status=["ENQUEUED", "PENDING"], load_output=False
+        )
+        active = [_record(status) for status in statuses]
+        sessions = {record.input.session_id for record in active if record.input and record.input.session_id}
+        for record in active:
+            for step in await DBOS.list_workflow_steps_async(record.run_id):
+                output = step.get("output")
+                if step["function_name"] == StepName.PREPARE_WORKSPACE.value and isinstance(output, dict):
+                    sessions.add(str(output.get("session_id")))
+        parts = self.pipeline.parts
+        keep = {record.ticket for record in active}
+        moment = datetime.fromtimestamp(now, UTC)
+        worktrees = await parts.cleanup_worktrees(keep, moment) if parts.cleanup_worktrees else []
+        cutoff = now - self.config.retention_days * 86400
+        old = await DBOS.list_workflows_async(
+            name=WORKFLOW_NAME,
+            status=["SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"],
+            completed_before=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cutoff)),
+            load_input=False,
+            load_output=False,
+        )
+        if old:
+            await DBOS.delete_workflows_async([status.workflow_id for status in old])
+        runs = {record.run_id for record in active}
+        agent_state = 0
+        if parts.cleanup_agent_state is not None:
+            agent_state = await parts.cleanup_agent_state(cutoff, runs, sessions)
+        removed = {"worktrees": len(worktrees), "runs": len(old), "agent_state": agent_state}
+        if any(removed.values()):
+            log.info("housekeeping removed", **removed)
+        return removed
 
     async def __aenter__(self) -> Runner:
         await self.start()
