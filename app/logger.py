@@ -14,7 +14,7 @@ REDACTED = "[redacted]"
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 # Standard LogRecord attributes; everything else on a record is a structured field.
-_RECORD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_RECORD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 
 
 def register_secrets(values: Iterable[str]) -> None:
