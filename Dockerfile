@@ -69,6 +69,7 @@ COPY --from=build /app/.venv /app/.venv
 ENV PATH="/app/.venv/bin:${PATH}" \
     HOME=/home/autocode \
     WORKSPACE_DIR=/workspace \
+    HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 

@@ -36,7 +36,7 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)
     config = uvicorn.Config(
         app,
-        host=settings.host,
+        host=settings.bind_host,
         port=settings.claude_code_api_port,
         log_config=None,
         proxy_headers=False,

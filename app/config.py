@@ -51,7 +51,7 @@ class Settings(BaseSettings):
 
     # --- service -------------------------------------------------------------------------------
     claude_code_api_port: int = Field(3001, ge=1, le=65535)
-    host: str = "0.0.0.0"  # noqa: S104 - the container's only listener, reached through the tunnel
+    host: str | None = None
     node_env: Literal["development", "production", "test"] = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     workspace_dir: Path = Path("workspace")
@@ -150,6 +150,13 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def bind_host(self) -> str:
+        """HOST, else loopback in development and every interface in production (the container)."""
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.is_production else "127.0.0.1"  # noqa: S104 - behind the tunnel
 
     @property
     def is_production(self) -> bool:
