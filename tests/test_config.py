@@ -110,3 +110,9 @@ def test_env_example_documents_every_setting() -> None:
     documented = (ROOT / ".env.example").read_text()
     for name in Settings.model_fields:
         assert f"{name.upper()}=" in documented, f"{name.upper()} is not in .env.example"
+
+
+def test_the_service_listens_on_loopback_unless_in_production_or_told() -> None:
+    assert Settings().bind_host == "127.0.0.1"
+    assert Settings(**GOOD_PRODUCTION).bind_host == "0.0.0.0"
+    assert Settings(host="10.0.0.5").bind_host == "10.0.0.5"
