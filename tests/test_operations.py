@@ -51,7 +51,8 @@ def gone(pid: int, within: float) -> bool:
 
 
 def test_sigterm_drains_exits_fast_and_the_run_resumes_after_restart(tmp_path: Path) -> None:
-    with Stack(tmp_path, slow_implementation(), settings={"RUN_REVIEW": "false", "SHUTDOWN_DRAIN": "2s"}) as stack:
+    settings = {"RUN_REVIEW": "false", "SHUTDOWN_DRAIN": "2s"}
+    with Stack(tmp_path, slow_implementation(), settings=settings) as stack:
         service = stack.service()
         run_id = service.post_ticket(ticket_body())["run_id"]
         service.wait_for_step(run_id, "implement")
@@ -136,7 +137,8 @@ def test_runs_api_shows_steps_while_running_and_after(tmp_path: Path) -> None:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
             assert httpx.get(f"{service.url}/runs", headers=headers, timeout=10).status_code == 401
             assert httpx.get(f"{service.url}/runs/{run_id}", headers=headers, timeout=10).status_code == 401
-            assert httpx.post(f"{service.url}/runs/{run_id}/cancel", headers=headers, timeout=10).status_code == 401
+            cancel = httpx.post(f"{service.url}/runs/{run_id}/cancel", headers=headers, timeout=10)
+            assert cancel.status_code == 401
         assert service.api("GET", "/runs/no-such-run").status_code == 404
         assert service.api("GET", "/runs", params={"state": "nonsense"}).status_code == 422
 
