@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from app.services import github, sandbox
 from app.services.checks import Checks, ChecksConfig
 from app.services.claude_code import AgentConfig, ClaudeCode
 from app.services.jira import JiraReporter, LogReporter
+from app.services.model_proxy import ModelProxy
 from app.services.runner import Collaborators, ReporterPort, Runner, RunnerConfig, RunResult
 from app.services.workspace import Workspace, WorkspaceConfig
 
@@ -76,6 +78,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+DEFAULT_ANTHROPIC_URL = "https://api.anthropic.com"
+
+
 def database_url(settings: Settings) -> str:
     """DATABASE_URL, else the embedded default: a SQLite file under WORKSPACE_DIR."""
     if settings.database_url is not None:
@@ -94,15 +99,6 @@ def pipeline_options(settings: Settings, open_pr: bool) -> PipelineOptions:
         max_budget_usd=settings.max_budget_usd,
         open_pr=open_pr,
     )
-
-
-def _agent_env(settings: Settings) -> dict[str, str]:
-    env = {}
-    if settings.anthropic_api_key is not None:
-        env["ANTHROPIC_API_KEY"] = settings.anthropic_api_key.get_secret_value()
-    if settings.anthropic_base_url:
-        env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
-    return env
 
 
 def _check_env(settings: Settings, home: Path) -> dict[str, str]:
@@ -135,6 +131,24 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
         token=token,
     )
     await workspace.startup()
+    # The real API key stays in this process: the agent reaches the model through a local proxy that
+    # swaps a token issued per phase for the key.
+    key = settings.anthropic_api_key
+    upstream = settings.anthropic_base_url or DEFAULT_ANTHROPIC_URL
+    model = ModelProxy(upstream, key.get_secret_value()) if key else contextlib.nullcontext(None)
+    async with model as proxy, _runner(settings, root, isolation, token, workspace, proxy) as runner:
+        yield runner
+
+
+@asynccontextmanager
+async def _runner(
+    settings: Settings,
+    root: Path,
+    isolation: sandbox.Sandbox | None,
+    token: str | None,
+    workspace: Workspace,
+    proxy: ModelProxy | None,
+) -> AsyncIterator[Runner]:
     agent = ClaudeCode(
         AgentConfig(
             state_dir=root / ".auto-code" / "agent",
@@ -144,7 +158,7 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
             phase_timeout=settings.agent_phase_timeout.total_seconds(),
             max_retries=settings.claude_code_max_retries,
             api_timeout_ms=settings.api_timeout_ms,
-            anthropic_env=_agent_env(settings),
+            model_access=proxy,
             passthrough=settings.agent_env_passthrough,
             extra_allowed_commands=frozenset(settings.agent_allowed_commands),
             allow_ci_config_writes=settings.allow_ci_config_writes,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.demo.sample import demo_scripts
+from app.demo.model_server import Script, ToolCall, Turn
+from app.demo.sample import IMPLEMENT_TRIGGER, demo_scripts
 from tests.pipeline import GITHUB_TOKEN, Stack, ticket_body
 
 pytestmark = pytest.mark.e2e
@@ -37,3 +38,29 @@ def test_webhook_to_pull_request(tmp_path: Path) -> None:
         assert len(fixes) == 2
         assert [s["name"] for s in run["steps"]][:2] == ["prepare_workspace", "implement"]
         assert session
+
+
+def test_the_agent_never_holds_the_anthropic_key(tmp_path: Path) -> None:
+    real_key = "sk-ant-pipeline-real-key-0123456789"
+    scripts = [
+        Script(
+            IMPLEMENT_TRIGGER,
+            [Turn(tool_calls=[ToolCall.bash("env"), ToolCall.write("NOTES.md", "notes\n")])],
+            final_text="Wrote notes.",
+        )
+    ]
+    settings = {
+        "ANTHROPIC_API_KEY": real_key,
+        "RUN_REVIEW": "false",
+        "RUN_LINT": "false",
+        "RUN_TESTS": "false",
+    }
+    with Stack(tmp_path, scripts, settings=settings) as stack:
+        service = stack.service()
+        run = service.wait_for(service.post_ticket(ticket_body())["run_id"])
+        assert run["state"] == "pr_opened", run
+        (env_output,) = [r.content for r in stack.model.tool_results("Bash")]
+        assert "ANTHROPIC_API_KEY=" in env_output, "env printed no key at all: the check proves nothing"
+        assert real_key not in env_output
+        # Every request reached the model with the real key: the proxy swapped the phase token for it.
+        assert {request.headers.get("x-api-key") for request in stack.model.message_requests} == {real_key}

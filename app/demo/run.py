@@ -100,7 +100,7 @@ def summary(record: RunRecord, origin: Path) -> str:
     lines += [f"  - {step.summary}" for step in fixes]
     lines.append(f"Gates: {', '.join(f'{g.gate.value} {g.status}' for g in result.gates) or '-'}")
     lines.append(
-        f"Agent turns: {result.turns}, cost: ${result.cost_usd:.4f} (priced by the CLI; no API was called)"
+        f"Agent turns: {result.turns}, cost: ${result.cost_usd:.4f} (the CLI's price list; the scripted model charged nothing)"
     )
     if result.branch and result.commit:
         lines.append(f"Branch: {result.branch} at {result.commit[:12]} in {origin}")

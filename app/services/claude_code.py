@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from claude_agent_sdk import (
     AssistantMessage,
@@ -60,6 +60,16 @@ SDK_VARIABLES = (
     "PWD",
 )
 
+
+class ModelAccess(Protocol):
+    """Hands each agent phase a short-lived credential for the model API (the local proxy)."""
+
+    @property
+    def base_url(self) -> str: ...
+    def issue(self) -> str: ...
+    def revoke(self, token: str) -> None: ...
+
+
 # Wraps the CLI's argv in the sandbox for one worktree; None = no isolation.
 SandboxPrefix = Callable[[Path, Path], list[str]]
 
@@ -77,6 +87,7 @@ class AgentConfig:
     max_retries: int = 3
     api_timeout_ms: int = 120_000
     anthropic_env: Mapping[str, str] = field(default_factory=dict)
+    model_access: ModelAccess | None = None
     passthrough: Sequence[str] = ()
     extra_allowed_commands: frozenset[str] = frozenset()
     allow_ci_config_writes: bool = False
@@ -232,6 +243,13 @@ class ClaudeCode:
 
     # --- machinery ------------------------------------------------------------------------------
 
+    def _model_route(self, token: str | None) -> dict[str, str]:
+        """Through the proxy, the CLI holds only this phase's token, never the real API key."""
+        access = self.config.model_access
+        if access is None or token is None:
+            return {}
+        return {"ANTHROPIC_BASE_URL": access.base_url, "ANTHROPIC_API_KEY": token}
+
     def _launcher(self, run_id: str, worktree: Path, home: Path, names: Sequence[str]) -> Path:
         """Write the script the SDK starts as the CLI: pidfile, own process group, clean env, sandbox."""
         assert self._cli is not None
@@ -265,6 +283,7 @@ class ClaudeCode:
         run_id: str,
         read_only: bool,
         denials: list[str],
+        token: str | None,
     ) -> ClaudeAgentOptions:
         home = self.session_home(session_id)
         config_dir = home / ".claude"
@@ -274,6 +293,7 @@ class ClaudeCode:
             config_dir=config_dir,
             anthropic={
                 **self.config.anthropic_env,
+                **self._model_route(token),
                 "CLAUDE_CODE_MAX_RETRIES": str(self.config.max_retries),
                 "API_TIMEOUT_MS": str(self.config.api_timeout_ms),
                 "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
@@ -346,20 +366,23 @@ class ClaudeCode:
         if timeout <= 0:
             return ended("timeout", "the run's time (RUN_TIMEOUT) is up")
         collected = _Collected()
-        options = self._options(
-            phase,
-            worktree,
-            session_id=session_id,
-            resume=resume,
-            max_turns=max_turns,
-            budget_usd=budget_usd,
-            run_id=run_id,
-            read_only=read_only,
-            denials=collected.denials,
-        )
-        log.info("agent phase started", run_id=run_id, phase=phase, session_id=session_id, resume=resume)
+        access = self.config.model_access
+        token = access.issue() if access else None
         started = time.monotonic()
         try:
+            options = self._options(
+                phase,
+                worktree,
+                session_id=session_id,
+                resume=resume,
+                max_turns=max_turns,
+                budget_usd=budget_usd,
+                run_id=run_id,
+                read_only=read_only,
+                denials=collected.denials,
+                token=token,
+            )
+            log.info("agent phase started", run_id=run_id, phase=phase, session_id=session_id, resume=resume)
             async with asyncio.timeout(timeout), self._client(options, run_id) as client:
                 await client.query(prompt())
                 async for message in client.receive_response():
@@ -372,6 +395,9 @@ class ClaudeCode:
             if collected.result is None:
                 return ended("crashed", f"the agent CLI failed: {str(exc)[-1500:]}", collected)
         finally:
+            # The CLI's process group is gone by now (the client block ended it): revoke its token.
+            if access is not None and token is not None:
+                access.revoke(token)
             log.info(
                 "agent phase ended", run_id=run_id, phase=phase, seconds=round(time.monotonic() - started, 2)
             )
