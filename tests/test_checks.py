@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from app.models import CheckResult, Gate
+from app.services import sandbox
 from app.services.checks import Checks, ChecksConfig, detect_command, failure_fingerprints, new_failures
 
 ENV = {"PATH": os.environ["PATH"]}
@@ -146,3 +148,39 @@ def test_failures_all_present_on_base_are_not_fed_back() -> None:
 def test_a_passing_or_missing_baseline_makes_every_failure_new() -> None:
     assert new_failures(result(PYTEST_BRANCH), result("", "passed")) == PYTEST_BRANCH
     assert new_failures(result(PYTEST_BRANCH), None) == PYTEST_BRANCH
+
+
+PROBE = (
+    "import glob\n"
+    "read = 0\n"
+    "for path in glob.glob('/proc/[0-9]*/environ'):\n"
+    "    try:\n"
+    "        entries = open(path, 'rb').read().decode(errors='replace').split(chr(0))\n"
+    "    except OSError:\n"
+    "        continue\n"
+    "    read += 1\n"
+    "    print('\\n'.join(e for e in entries if e.startswith('GH_TOKEN=')))\n"
+    "print('environments read:', read)\n"
+)
+
+
+def test_a_check_running_the_agents_code_cannot_read_the_service_environment(tmp_path: Path) -> None:
+    problem = sandbox.probe()
+    if problem is not None:
+        pytest.skip(f"process isolation unavailable here: {problem}")
+    secret = "ghp_check_secret_value_424242"
+    # A stand-in for the service: a process of the same user started with the secret in its environment.
+    service = subprocess.Popen(["sleep", "60"], env={**ENV, "GH_TOKEN": secret})
+    try:
+        workspace = tmp_path / "workspace"
+        worktree = repo(workspace / "worktrees" / "ticket" / "x-1", {"probe.py": PROBE})
+        isolation = sandbox.Sandbox(bwrap="bwrap", workspace_dir=workspace, user_home=Path.home())
+        config = ChecksConfig(test_command="python3 probe.py", env=ENV)
+        exposed = run(Checks(config), Gate.TEST, worktree)
+        isolated = run(Checks(config, wrap=isolation.wrap), Gate.TEST, worktree)
+    finally:
+        service.kill()
+        service.wait()
+    assert secret in exposed.output, "without the sandbox the probe should find the secret"
+    assert isolated.status == "passed" and "environments read:" in isolated.output, isolated.output
+    assert secret not in isolated.output

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -167,31 +169,58 @@ def test_the_agent_environment_holds_no_service_secret(
 
 PROBE_ALL = """python3 -c "
 import glob
+names = ('GH_TOKEN=', 'WEBHOOK_SECRET=', 'API_TOKEN=', 'JIRA_API_TOKEN=', 'DATABASE_URL=', 'LANGFUSE_')
+read = 0
 for path in glob.glob('/proc/[0-9]*/environ'):
     try:
-        print(open(path, 'rb').read().decode(errors='replace'))
+        entries = open(path, 'rb').read().decode(errors='replace').split(chr(0))
     except OSError:
-        pass
+        continue
+    read += 1
+    print(' '.join(e for e in entries if e.startswith(names)))
+print('environments read:', read)
 "
 """
 
 
-def test_code_the_agent_runs_cannot_read_the_service_environment(
-    tmp_path: Path, worktree: Path, service_secrets: dict[str, str], bwrap_sandbox: sandbox.Sandbox
-) -> None:
-    calls = [
+@pytest.fixture
+def service_process() -> Iterator[dict[str, str]]:
+    """A stand-in for the service: a process of this user that started with the secrets in its
+    environment (what /proc/<pid>/environ shows; setting os.environ later would not show there)."""
+    process = subprocess.Popen(["sleep", "120"], env={"PATH": os.environ["PATH"], **SERVICE_SECRETS})
+    yield SERVICE_SECRETS
+    process.kill()
+    process.wait()
+
+
+def probe_calls() -> list[ToolCall]:
+    return [
         ToolCall.bash("cat /proc/$PPID/environ"),
         ToolCall.bash("cat /proc/1/environ"),
         ToolCall.bash(PROBE_ALL),
     ]
-    scripts = [Script(IMPLEMENT, [Turn(tool_calls=calls)])]
-    with ScriptedModelServer(scripts) as server:
+
+
+def test_without_isolation_the_probe_would_find_the_secrets(
+    tmp_path: Path, worktree: Path, service_process: dict[str, str]
+) -> None:
+    """The control: the probe below is able to see what isolation has to hide."""
+    with ScriptedModelServer([Script(IMPLEMENT, [Turn(tool_calls=probe_calls())])]) as server:
+        implement(make_agent(tmp_path, server), worktree)
+    seen = " ".join(r.content for r in server.tool_results("Bash"))
+    assert service_process["GH_TOKEN"] in seen
+
+
+def test_code_the_agent_runs_cannot_read_the_service_environment(
+    tmp_path: Path, worktree: Path, service_process: dict[str, str], bwrap_sandbox: sandbox.Sandbox
+) -> None:
+    with ScriptedModelServer([Script(IMPLEMENT, [Turn(tool_calls=probe_calls())])]) as server:
         implement(make_agent(tmp_path, server, isolation=bwrap_sandbox), worktree)
     results = server.tool_results("Bash")
     assert len(results) == 3, results
-    assert "PATH=" in results[2].content, "the probe read no environment at all: it proves nothing"
+    assert "environments read:" in results[2].content, "the probe did not run: it proves nothing"
     seen = " ".join(r.content for r in results)
-    for value in service_secrets.values():
+    for value in service_process.values():
         assert value not in seen
 
 
