@@ -186,6 +186,20 @@ ALLOWED = [
     '[ "$a" = "$b" ] || [ -z "$c" ]',
     '[ -f "$a" -a -f "$b" ]',
     "printf '%s\\n' $files",
+    # option parsing: clusters, attached values, valued options, and `--` ending the options
+    "grep -e foo -e bar src",
+    "grep -- -e src",
+    "grep -rn --include='*.py' -A 2 foo src",
+    "rg -g '*.py' -t py hi src",
+    "sort -k2 -t, -o src/sorted.txt src/app.py",
+    "sort -- -o",
+    "sed -n -e 1p -- src/app.py",
+    "sed -ibak 's/a/b/' src/app.py",
+    "sed --expression=1p --in-place=.orig src/app.py",
+    "awk -v x=1 -F, '{print x}' src/app.py",
+    "xargs -0 -n1 -I{} echo {}",
+    "timeout --signal=KILL -k 5 10 ls",
+    "tree -o listing.txt -L 2 src",
 ]
 
 
@@ -465,6 +479,23 @@ DENIED = [
     ("trap 'curl x' EXIT", "trap: not on the command allowlist"),
     ("shopt -s expand_aliases", "shopt: not on the command allowlist"),
     ("builtin cd /", "builtin: not on the command allowlist"),
+    # option parsing: the values of options, attached or in the next word, and operands after `--`
+    ("grep --file=/etc/passwd src", "grep --file: /etc/passwd"),
+    ("grep -rf/etc/passwd src", "grep -f: /etc/passwd"),
+    ("grep --include=../x foo src", "outside the worktree"),
+    ("grep -- -e /etc", "grep: /etc"),
+    ("sort --output /tmp/x src/app.py", "sort --output: /tmp/x"),
+    ("sort -T/tmp src/app.py", "sort -T: /tmp"),
+    ("sed -n -- '1e curl x' src/app.py", "the e command executes"),
+    ("sed --expression='1e x' src/app.py", "the e command executes"),
+    ("sed --in-place=../x 's/a/b/' src/app.py", "sed --in-place with a backup suffix"),
+    ("sed -nx src/app.py", "sed -x: option not allowed"),
+    ("sed --file=x.sed src/app.py", "sed --file: option not allowed"),
+    ("awk -vx=1 -f prog.awk src/app.py", "awk -f: option not allowed"),
+    ("xargs -a /etc/passwd echo", "xargs -a: /etc/passwd"),
+    ("xargs -I $x echo", "xargs -I without a literal replace string"),
+    ("timeout --bogus 5 ls", "timeout --bogus: option not allowed"),
+    ("tree -ao /tmp/x src", "tree -o: /tmp/x"),
 ]
 
 

@@ -35,7 +35,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -136,10 +136,17 @@ _XARGS_VALUED = frozenset(
      "-P", "--max-procs", "-s", "--max-chars", "--process-slot-var"}
 )  # fmt: skip
 _GREP_VALUED_LONG = frozenset(
-    {"--context", "--after-context", "--before-context", "--max-count", "--include", "--exclude",
-     "--exclude-dir", "--label", "--glob", "--iglob", "--type", "--type-not", "--threads", "--max-columns",
-     "--encoding", "--replace", "--type-add", "--sort", "--sortr", "--max-depth", "--max-filesize",
-     "--engine", "--path-separator"}
+    {"--regexp", "--file", "--context", "--after-context", "--before-context", "--max-count", "--include",
+     "--exclude", "--exclude-dir", "--label", "--glob", "--iglob", "--type", "--type-not", "--threads",
+     "--max-columns", "--encoding", "--replace", "--type-add", "--sort", "--sortr", "--max-depth",
+     "--max-filesize", "--engine", "--path-separator"}
+)  # fmt: skip
+_SORT_VALUED_LONG = frozenset(
+    {"--output", "--temporary-directory", "--key", "--field-separator", "--buffer-size", "--files0-from"}
+)
+_SED_LONG_FLAGS = frozenset(
+    {"--quiet", "--silent", "--regexp-extended", "--separate", "--null-data", "--unbuffered", "--posix",
+     "--debug", "--sandbox", "--follow-symlinks", "--zero-terminated", "--line-length"}
 )  # fmt: skip
 _GIT_BRANCH_LISTING = frozenset(
     {"-a", "--all", "-r", "--remotes", "-l", "--list", "-v", "-vv", "--verbose", "--show-current", "--color",
@@ -298,11 +305,12 @@ def _unquote_word(raw: str) -> list[_Segment]:
     return out
 
 
-def _unescape_double_quoted(raw: str) -> str:
+def _unescape(raw: str, escapable: str) -> str:
+    """Drop the backslash before each character of `escapable`; a backslash-newline there goes whole."""
     out: list[str] = []
     i = 0
     while i < len(raw):
-        if raw[i] == "\\" and i + 1 < len(raw) and raw[i + 1] in '$`"\\\n':
+        if raw[i] == "\\" and i + 1 < len(raw) and raw[i + 1] in escapable:
             if raw[i + 1] != "\n":
                 out.append(raw[i + 1])
             i += 2
@@ -327,7 +335,7 @@ def _segments(node: Node, out: list[_Segment]) -> None:
     elif kind in ("string", "translated_string"):
         for child in node.children:
             if child.type == "string_content":
-                out.append((_unescape_double_quoted(_text(child)), True))
+                out.append((_unescape(_text(child), '$`"\\\n'), True))
             elif child.type == "$":
                 out.append(("$", True))
             elif child.type == '"':
@@ -389,6 +397,131 @@ def _word(node: Node) -> _Word:
         brace=re.search(r"\{[^{}]*(?:,|\.\.)[^{}]*\}", shape) is not None,
         tilde=shape.startswith("~"),
     )
+
+
+# --- options --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One option as a getopt-style command reads it: `-x` or `--name`, and the value it takes."""
+
+    name: str
+    value: _Word | None = None  # the attached or the next word; None for a flag or when nothing follows
+    attached: str | None = None  # the value's text when the option's own word carried it (`--name=v`, `-xv`)
+
+    @property
+    def path(self) -> _Word:
+        """The value as a path to check: '' (the current directory) when the command line ends first."""
+        return self.value or _Word.literal("")
+
+
+def _parse_options(
+    words: Sequence[_Word],
+    *,
+    valued_long: Collection[str] = (),
+    valued_short: str = "",
+    optional_short: str = "",
+    double_dash: bool = True,
+) -> tuple[list[_Option], list[_Word]]:
+    """Split a command's arguments as GNU getopt does: its options in order, and its operands.
+
+    A long option takes `=value`, or the next word when it is in `valued_long`. A short cluster `-abc`
+    is one option a letter; a `valued_short` letter takes the rest of the cluster or else the next word,
+    an `optional_short` one only the rest. Expansions are operands, and so is everything after `--`
+    (unless `double_dash` is False: then `--` is an option of no meaning and options go on). Long
+    names are taken whole: the abbreviations GNU tools accept (`--out` for `--output`) are not resolved.
+    """
+    options: list[_Option] = []
+    operands: list[_Word] = []
+    ended = False
+    rest = iter(words)
+    for word in rest:
+        text = word.text
+        if text is None or ended or not text.startswith("-") or text == "-":
+            operands.append(word)
+        elif text == "--" and double_dash:
+            ended = True
+        elif text.startswith("--"):
+            name, eq, value = text.partition("=")
+            if eq:
+                options.append(_Option(name, _Word.literal(value), value))
+            else:
+                options.append(_Option(name, next(rest, None) if name in valued_long else None))
+        else:
+            for index, letter in enumerate(text[1:], start=1):
+                attached = text[index + 1 :]
+                if attached and letter in valued_short + optional_short:
+                    options.append(_Option("-" + letter, _Word.literal(attached), attached))
+                    break
+                if letter in valued_short:
+                    options.append(_Option("-" + letter, next(rest, None)))
+                    break
+                options.append(_Option("-" + letter))
+    return options, operands
+
+
+def _literal_argument(word: _Word, command: str) -> str:
+    """The text of an argument the check must read to know what `command` does; an expansion is denied."""
+    if word.text is None:
+        raise _Denied(f"{command} with a non-literal argument {word.shown}")
+    return word.text
+
+
+def _skip_options(
+    argv: Sequence[_Word],
+    flags: Collection[str],
+    valued: Collection[str],
+    *,
+    optional: Collection[str] = (),
+    why: str = "option not allowed",
+    hook: Callable[[str, _Word | None], int | None] | None = None,
+) -> int:
+    """Index of the first operand of a command whose options, spelled exactly, stop at the first operand.
+
+    A `valued` option takes the next word, `=value` or (a two-letter one) an attached value; an
+    `optional` two-letter one only an attached value. Any other option is denied with `why`.
+    `hook(text, next_word)` sees each option first and may answer how many words it takes.
+    """
+    command = argv[0].text or ""
+    attachable = [o for o in (*valued, *optional) if len(o) == 2]
+    i = 1
+    while i < len(argv):
+        text = _literal_argument(argv[i], command)
+        if text == "--":
+            return i + 1
+        if not text.startswith("-") or text == "-":
+            return i
+        width = hook(text, argv[i + 1] if i + 1 < len(argv) else None) if hook else None
+        if width is None:
+            if text in flags:
+                width = 1
+            elif text in valued:
+                width = 2
+            elif text.partition("=")[0] in valued or any(text.startswith(o) for o in attachable):
+                width = 1
+            else:
+                raise _Denied(f"{command} {text}: {why}")
+        i += width
+    return i
+
+
+def _check_program(word: _Word, what: str, problem_of: Callable[[str], str | None]) -> None:
+    """Deny `what` ("a sed script") given inline: filled in by find's {}, not a literal, or unsafe."""
+    noun = what.partition(" ")[2]
+    command = noun.partition(" ")[0]
+    if word.placeholder:
+        raise _Denied(f"find -exec {command} {{}}: file names would run as {what}")
+    if word.text is None:
+        raise _Denied(f"{noun} {word.shown} is not a literal")
+    problem = problem_of(word.text)
+    if problem:
+        raise _Denied(f"{command} {_short(word.text)!r}: {problem}")
+
+
+def _hide_marked(words: Iterable[_Word], marker: str) -> list[_Word]:
+    """Words holding `marker` (which xargs -I or find -exec replaces) become unknown, keeping their prefix."""
+    return [_Word(None, w.prefix) if w.text and marker in w.text else w for w in words]
 
 
 # --- sed and awk programs --------------------------------------------------------------------------
@@ -708,14 +841,12 @@ class _BashCheck:
             if child.type == "variable_name":
                 self._check_variable_name(_text(child))
                 continue
-            word = _word(child)
-            if word.text is None:
-                raise _Denied(f"{keyword} with a non-literal argument {word.shown}")
-            if word.text.startswith(("-", "+")):
-                if not set(word.text[1:]) <= set("xrpa"):
-                    raise _Denied(f"{keyword} {word.text}: only -x, -r, -a and -p are allowed")
+            text = _literal_argument(_word(child), keyword)
+            if text.startswith(("-", "+")):
+                if not set(text[1:]) <= set("xrpa"):
+                    raise _Denied(f"{keyword} {text}: only -x, -r, -a and -p are allowed")
                 continue
-            self._check_variable_name(word.text)
+            self._check_variable_name(text)
 
     def _unset(self, node: Node) -> None:
         for child in node.named_children:
@@ -909,9 +1040,7 @@ class _BashCheck:
     def _read_builtin(self, argv: Sequence[_Word]) -> None:
         i = 1
         while i < len(argv):
-            text = argv[i].text
-            if text is None:
-                raise _Denied(f"read with a non-literal argument {argv[i].shown}")
+            text = _literal_argument(argv[i], "read")
             if text.startswith("-") and len(text) > 1:
                 if text[-1] in "dptnNui" and len(text) == 2:
                     i += 1
@@ -963,6 +1092,10 @@ class _BashCheck:
             if text == "-" or (only_pathlike and not (_pathlike(text) or word.tilde)):
                 continue
             self._path(word, name, write=write, delete_tree=delete_tree)
+
+    def _operand_paths(self, words: Sequence[_Word], via: _Via, *, write: bool, name: str) -> None:
+        """Check words a command's option parsing found to be operands: a leading '-' is part of a path."""
+        self.paths_in([_as_positional(w) for w in words], via, write=write, name=name)
 
     def read_path(self, word: _Word, what: str) -> None:
         self._path(word, what, write=False)
@@ -1016,11 +1149,17 @@ class _BashCheck:
     def _cd(self, argv: Sequence[_Word], via: _Via) -> None:
         if via.wrapper:
             raise _Denied(f"cd through {via.wrapper} is not allowed; use a plain cd")
-        target = _cd_target(argv)
+        self._cd_destinations(_cd_target(argv))
+
+    def _cd_destinations(self, target: str) -> list[str]:
+        """Where `cd target` lands from each working directory; _Denied when that is not allowed."""
+        destinations = []
         for base in self.bases:
             problem = self.paths.problem(base, target, write=False)
             if problem:
                 raise _Denied(f"cd: {problem}")
+            destinations.append(os.path.realpath(os.path.join(base, target)))
+        return destinations
 
     def _collect_cd(self, root: Node) -> None:
         """Every directory the commands may run in: the start and where each plain `cd` goes."""
@@ -1036,13 +1175,7 @@ class _BashCheck:
                     if child.type == "file_redirect":
                         extras += _split_redirect(child)[2]
             target = _cd_target([_word(name), *(_word(a) for a in (*arguments, *extras))])
-            added = []
-            for base in self.bases:
-                problem = self.paths.problem(base, target, write=False)
-                if problem:
-                    raise _Denied(f"cd: {problem}")
-                added.append(os.path.realpath(os.path.join(base, target)))
-            for directory in added:
+            for directory in self._cd_destinations(target):
                 if directory not in self.bases:
                     self.bases.append(directory)
             if len(self.bases) > MAX_WORKING_DIRECTORIES:
@@ -1102,9 +1235,7 @@ class _BashCheck:
     def _env(self, argv: Sequence[_Word], via: _Via) -> None:
         i = 1
         while i < len(argv):
-            text = argv[i].text
-            if text is None:
-                raise _Denied(f"env with a non-literal argument {argv[i].shown}")
+            text = _literal_argument(argv[i], "env")
             if text in ("-i", "-", "--ignore-environment", "-0", "--null", "-v", "--debug"):
                 i += 1
             elif text == "-u":
@@ -1123,33 +1254,9 @@ class _BashCheck:
                 break
         self.argv(argv[i:], via.through("env"))
 
-    def _skip_then(self, argv: Sequence[_Word], via: _Via, flags: set[str], valued: set[str]) -> int:
-        """Index of the first argument after the options (`flags` alone, `valued` with a value)."""
-        name = argv[0].text or ""
-        i = 1
-        while i < len(argv):
-            text = argv[i].text
-            if text is None:
-                raise _Denied(f"{name} with a non-literal argument {argv[i].shown}")
-            if text == "--":
-                return i + 1
-            if not text.startswith("-") or text == "-":
-                return i
-            option = text.split("=", 1)[0]
-            if text in flags:
-                i += 1
-            elif text in valued:
-                i += 2
-            elif option in valued or any(text.startswith(v) and len(v) == 2 for v in valued):
-                i += 1
-            else:
-                raise _Denied(f"{name} {text}: option not allowed")
-        return i
-
     def _timeout(self, argv: Sequence[_Word], via: _Via) -> None:
-        i = self._skip_then(
+        i = _skip_options(
             argv,
-            via,
             {"--preserve-status", "--foreground", "-v", "--verbose"},
             {"-s", "-k", "--signal", "--kill-after"},
         )
@@ -1157,69 +1264,55 @@ class _BashCheck:
 
     def _nice(self, argv: Sequence[_Word], via: _Via) -> None:
         words = [w for w in argv if not (w.text and re.fullmatch(r"-\d+", w.text))]
-        i = self._skip_then(words, via, set(), {"-n", "--adjustment"})
+        i = _skip_options(words, (), {"-n", "--adjustment"})
         self.argv(words[i:], via.through("nice"))
 
     def _nohup(self, argv: Sequence[_Word], via: _Via) -> None:
         self.argv(argv[1:], via.through("nohup"))
 
     def _time(self, argv: Sequence[_Word], via: _Via) -> None:
-        i = self._skip_then(argv, via, {"-p"}, set())
+        i = _skip_options(argv, {"-p"}, ())
         self.argv(argv[i:], via.through("time"))
 
     def _command_builtin(self, argv: Sequence[_Word], via: _Via) -> None:
         flags = [w.text for w in argv[1:] if w.text and w.text.startswith("-")]
         if any(f in ("-v", "-V") for f in flags):
             return  # only describes the name
-        i = self._skip_then(argv, via, {"-p"}, set())
+        i = _skip_options(argv, {"-p"}, ())
         self.argv(argv[i:], via.through("command"))
 
     def _exec(self, argv: Sequence[_Word], via: _Via) -> None:
-        i = self._skip_then(argv, via, {"-c", "-l"}, {"-a"})
+        i = _skip_options(argv, {"-c", "-l"}, {"-a"})
         if i >= len(argv):
             raise _Denied("exec without a command changes the shell's redirections; not allowed")
         self.argv(argv[i:], via.through("exec"))
 
     def _xargs(self, argv: Sequence[_Word], via: _Via) -> None:
-        flags, valued = _XARGS_FLAGS, _XARGS_VALUED
         replace: str | None = None
-        i = 1
-        while i < len(argv):
-            text = argv[i].text
-            if text is None:
-                raise _Denied(f"xargs with a non-literal argument {argv[i].shown}")
-            if text == "--":
-                i += 1
-                break
-            if not text.startswith("-") or text == "-":
-                break
-            if text in ("-I",):
-                replace = argv[i + 1].text if i + 1 < len(argv) else None
+
+        def replace_string_and_arg_file(text: str, following: _Word | None) -> int | None:
+            nonlocal replace
+            if text == "-I":
+                replace = following.text if following else None
                 if replace is None:
                     raise _Denied("xargs -I without a literal replace string")
-                i += 2
-                continue
+                return 2
             if text.startswith(("-I", "-i", "--replace")):
                 replace = text[2:] if text.startswith(("-I", "-i")) else text.partition("=")[2]
                 replace = replace or "{}"
-                i += 1
-                continue
+                return 1
             if text.startswith(("-a", "--arg-file")):
                 attached = text.partition("=")[2] if text.startswith("--") else text[2:]
-                value = attached or (argv[i + 1].text if i + 1 < len(argv) else None)
+                value = attached or (following.text if following else None)
                 self.read_path(_Word(value, value or ""), "xargs -a")
-            option = text.split("=", 1)[0]
-            if text in flags or (option in valued and "=" in text):
-                i += 1
-            elif text in valued:
-                i += 2
-            elif text[:2] in ("-e", "-l") or any(text.startswith(v) and len(v) == 2 for v in valued):
-                i += 1
-            else:
-                raise _Denied(f"xargs {text}: option not allowed")
+            return None
+
+        i = _skip_options(
+            argv, _XARGS_FLAGS, _XARGS_VALUED, optional=("-e", "-l"), hook=replace_string_and_arg_file
+        )
         inner = list(argv[i:]) or [_Word.literal("echo")]
         if replace:
-            inner = [_Word(None, w.prefix) if w.text is not None and replace in w.text else w for w in inner]
+            inner = _hide_marked(inner, replace)
         self.argv(inner, via.through("xargs", stdin_args=True))
 
     def _find(self, argv: Sequence[_Word], via: _Via) -> None:
@@ -1274,161 +1367,67 @@ class _BashCheck:
         if any(w.text == "{}" for w in inner):
             for start in starts:
                 replaced = [_Word(start, start, placeholder=True) if w.text == "{}" else w for w in inner]
-                replaced = [_Word(None, w.prefix) if w.text and "{}" in w.text else w for w in replaced]
-                self.argv(replaced, via.through("find -exec", in_find=True))
+                self.argv(_hide_marked(replaced, "{}"), via.through("find -exec", in_find=True))
         else:
-            replaced = [_Word(None, w.prefix) if w.text and "{}" in w.text else w for w in inner]
-            self.argv(replaced, via.through("find -exec"))
+            self.argv(_hide_marked(inner, "{}"), via.through("find -exec"))
 
     def _grep(self, argv: Sequence[_Word], via: _Via) -> None:
         name = argv[0].text or "grep"
         ripgrep = name == "rg"
-        valued_long = _GREP_VALUED_LONG
-        valued_short = "efABCmdDgtTjMEr" if ripgrep else "efABCmdD"
+        options, operands = _parse_options(
+            argv[1:],
+            valued_long=_GREP_VALUED_LONG,
+            valued_short="efABCmdDgtTjMEr" if ripgrep else "efABCmdD",
+        )
         pattern_given = False
-        positional: list[_Word] = []
-        options_done = False
-        i = 1
-        while i < len(argv):
-            word = argv[i]
-            text = word.text
-            following = argv[i + 1] if i + 1 < len(argv) else _Word.literal("")
-            if text is None or options_done or not text.startswith("-") or text == "-":
-                positional.append(word)
-            elif text == "--":
-                options_done = True
-            elif text.startswith("--"):
-                option, eq, value = text.partition("=")
-                if ripgrep and option in ("--pre", "--pre-glob", "--hostname-bin"):
-                    raise _Denied(f"rg {option} runs a command; not allowed")
-                if option in ("--regexp", "--file"):
-                    pattern_given = True
-                    if option == "--file":
-                        self.read_path(_Word.literal(value) if eq else following, f"{name} --file")
-                    i += 0 if eq else 1
-                elif option in valued_long and not eq:
-                    i += 1
-                elif eq and _pathlike(value):
-                    self.read_path(_Word.literal(value), name)
-            else:
-                flags, takes_next = _short_cluster(text, valued_short)
-                for flag, value in flags:
-                    if flag in "ef":
-                        pattern_given = True
-                    if flag == "f":
-                        self.read_path(_Word.literal(value) if value else following, f"{name} -f")
-                i += 1 if takes_next else 0
-            i += 1
-        if not pattern_given and positional:
-            positional = positional[1:]
-        self.paths_in([_as_positional(w) for w in positional], via, write=False, name=name)
+        for option in options:
+            if ripgrep and option.name in ("--pre", "--pre-glob", "--hostname-bin"):
+                raise _Denied(f"rg {option.name} runs a command; not allowed")
+            if option.name in ("-e", "-f", "--regexp", "--file"):
+                pattern_given = True
+                if option.name in ("-f", "--file"):
+                    self.read_path(option.path, f"{name} {option.name}")
+            elif option.name.startswith("--") and option.attached and _pathlike(option.attached):
+                self.read_path(option.path, name)
+        if not pattern_given and operands:
+            operands = operands[1:]
+        self._operand_paths(operands, via, write=False, name=name)
 
     def _sed(self, argv: Sequence[_Word], via: _Via) -> None:
+        options, operands = _parse_options(
+            argv[1:], valued_long={"--expression", "--line-length"}, valued_short="efl", optional_short="i"
+        )
         scripts: list[_Word] = []
-        positional: list[_Word] = []
         in_place = False
-        options_done = False
-        i = 1
-        while i < len(argv):
-            word = argv[i]
-            text = word.text
-            if text is None or options_done or not text.startswith("-") or text == "-":
-                positional.append(word)
-            elif text == "--":
-                options_done = True
-            elif text.startswith("--"):
-                option, eq, value = text.partition("=")
-                if option == "--expression":
-                    if eq:
-                        scripts.append(_Word.literal(value))
-                    elif i + 1 < len(argv):
-                        scripts.append(argv[i + 1])
-                        i += 1
-                elif option == "--in-place":
-                    in_place = True
-                    if "/" in value:
-                        raise _Denied("sed --in-place with a backup suffix containing '/' is not allowed")
-                elif option == "--line-length" and not eq:
-                    i += 1
-                elif option not in ("--quiet", "--silent", "--regexp-extended", "--separate", "--null-data",
-                                    "--unbuffered", "--posix", "--debug", "--sandbox", "--follow-symlinks",
-                                    "--zero-terminated", "--line-length"):  # fmt: skip
-                    raise _Denied(f"sed {option}: option not allowed")
-            else:
-                j = 1
-                while j < len(text):
-                    flag = text[j]
-                    if flag in "nErsuz":
-                        j += 1
-                        continue
-                    if flag == "e":
-                        rest = text[j + 1 :]
-                        if rest:
-                            scripts.append(_Word.literal(rest))
-                        elif i + 1 < len(argv):
-                            scripts.append(argv[i + 1])
-                            i += 1
-                    elif flag == "i":
-                        in_place = True
-                        if "/" in text[j + 1 :]:
-                            raise _Denied("sed -i with a backup suffix containing '/' is not allowed")
-                    elif flag == "l":
-                        if not text[j + 1 :]:
-                            i += 1
-                    elif flag == "f":
-                        raise _Denied("sed -f: scripts from files are not inspected; pass the script inline")
-                    else:
-                        raise _Denied(f"sed -{flag}: option not allowed")
-                    break
-            i += 1
-        if not scripts and positional:
-            scripts, positional = [positional[0]], positional[1:]
+        for option in options:
+            if option.name in ("-e", "--expression"):
+                if option.value is not None:
+                    scripts.append(option.value)
+            elif option.name in ("-i", "--in-place"):
+                in_place = True
+                if "/" in (option.attached or ""):
+                    raise _Denied(f"sed {option.name} with a backup suffix containing '/' is not allowed")
+            elif option.name == "-f":
+                raise _Denied("sed -f: scripts from files are not inspected; pass the script inline")
+            elif option.name.startswith("--"):
+                if option.name not in _SED_LONG_FLAGS:
+                    raise _Denied(f"sed {option.name}: option not allowed")
+            elif option.name[1] not in "nErsuzl":
+                raise _Denied(f"sed {option.name}: option not allowed")
+        if not scripts and operands:
+            scripts, operands = [operands[0]], operands[1:]
         for script in scripts:
-            if script.placeholder:
-                raise _Denied("find -exec sed {}: file names would run as a sed script")
-            if script.text is None:
-                raise _Denied(f"sed script {script.shown} is not a literal")
-            problem = _sed_script_problem(script.text)
-            if problem:
-                raise _Denied(f"sed {_short(script.text)!r}: {problem}")
-        if in_place:
-            if via.stdin_args:
-                raise _Denied("xargs sed -i: xargs would pass paths the policy cannot check; use find -exec")
-            self.paths_in([_as_positional(w) for w in positional], via, write=True, name="sed -i")
-        else:
-            self.paths_in([_as_positional(w) for w in positional], via, write=False, name="sed")
+            _check_program(script, "a sed script", _sed_script_problem)
+        self._operand_paths(operands, via, write=in_place, name="sed -i" if in_place else "sed")
 
     def _awk(self, argv: Sequence[_Word], via: _Via) -> None:
-        i = 1
-        while i < len(argv):
-            text = argv[i].text
-            if text is None:
-                raise _Denied(f"awk with a non-literal argument {argv[i].shown}")
-            if text == "--":
-                i += 1
-                break
-            if text in ("-F", "-v"):
-                i += 2
-            elif text.startswith(("-F", "-v")):
-                i += 1
-            elif text.startswith("-") and len(text) > 1:
-                raise _Denied(
-                    f"awk {text}: option not allowed (program files and extensions are not inspected)"
-                )
-            else:
-                break
+        why = "option not allowed (program files and extensions are not inspected)"
+        i = _skip_options(argv, (), {"-F", "-v"}, why=why)
         if i >= len(argv):
             return
-        program = argv[i]
-        if program.placeholder:
-            raise _Denied("find -exec awk {}: file names would run as an awk program")
-        if program.text is None:
-            raise _Denied(f"awk program {program.shown} is not a literal")
-        problem = _awk_program_problem(program.text)
-        if problem:
-            raise _Denied(f"awk {_short(program.text)!r}: {problem}")
+        _check_program(argv[i], "an awk program", _awk_program_problem)
         files = [w for w in argv[i + 1 :] if not (w.text and re.fullmatch(r"[A-Za-z_]\w*=.*", w.text, re.S))]
-        self.paths_in([_as_positional(w) for w in files], via, write=False, name="awk")
+        self._operand_paths(files, via, write=False, name="awk")
 
     def _jq(self, argv: Sequence[_Word], via: _Via) -> None:
         positional: list[_Word] = []
@@ -1456,69 +1455,37 @@ class _BashCheck:
                 raise _Denied(f"jq filter {program.shown} is not a literal")
             if re.search(r"\b(import|include)\b", program.text):
                 raise _Denied("jq import/include loads files the policy cannot see")
-        self.paths_in([_as_positional(w) for w in positional], via, write=False, name="jq")
+        self._operand_paths(positional, via, write=False, name="jq")
 
     def _sort(self, argv: Sequence[_Word], via: _Via) -> None:
-        positional: list[_Word] = []
-        options_done = False
-        i = 1
-        while i < len(argv):
-            word = argv[i]
-            text = word.text
-            following = argv[i + 1] if i + 1 < len(argv) else _Word.literal("")
-            if text is None or options_done or not text.startswith("-") or text == "-":
-                positional.append(word)
-            elif text == "--":
-                options_done = True
-            elif text.startswith("--"):
-                option, eq, value = text.partition("=")
-                if option == "--compress-program":
-                    raise _Denied("sort --compress-program runs a command; not allowed")
-                if option in ("--output", "--temporary-directory"):
-                    self.write_path(_Word.literal(value) if eq else following, f"sort {option}")
-                    i += 0 if eq else 1
-                elif option in ("--key", "--field-separator", "--buffer-size", "--files0-from") and not eq:
-                    i += 1
-            else:
-                flags, takes_next = _short_cluster(text, "koTtS")
-                for flag, value in flags:
-                    if flag in "oT":
-                        self.write_path(_Word.literal(value) if value else following, f"sort -{flag}")
-                i += 1 if takes_next else 0
-            i += 1
-        self.paths_in([_as_positional(w) for w in positional], via, write=False, name="sort")
+        options, operands = _parse_options(argv[1:], valued_long=_SORT_VALUED_LONG, valued_short="koTtS")
+        for option in options:
+            if option.name == "--compress-program":
+                raise _Denied("sort --compress-program runs a command; not allowed")
+            if option.name in ("-o", "-T", "--output", "--temporary-directory"):
+                self.write_path(option.path, f"sort {option.name}")
+        self._operand_paths(operands, via, write=False, name="sort")
 
     def _uniq(self, argv: Sequence[_Word], via: _Via) -> None:
         self.paths_in(argv[1:], via, write=True, name=argv[0].text or "uniq")
 
     def _tree(self, argv: Sequence[_Word], via: _Via) -> None:
-        positional: list[_Word] = []
-        i = 1
-        while i < len(argv):
-            word = argv[i]
-            text = word.text
-            following = argv[i + 1] if i + 1 < len(argv) else _Word.literal("")
-            if text is None or not text.startswith("-") or text == "-":
-                positional.append(word)
-            elif text.startswith("--"):
-                option, eq, _ = text.partition("=")
-                if option in ("--charset", "--filelimit", "--sort", "--timefmt") and not eq:
-                    i += 1
-            else:
-                flags, takes_next = _short_cluster(text, "oLPIHT")
-                for flag, value in flags:
-                    if flag == "o":
-                        self.write_path(_Word.literal(value) if value else following, "tree -o")
-                i += 1 if takes_next else 0
-            i += 1
-        self.paths_in(positional, via, write=False, name="tree")
+        # `--` does not end the options here: this check has always read it as an option of no meaning.
+        options, operands = _parse_options(
+            argv[1:],
+            valued_long={"--charset", "--filelimit", "--sort", "--timefmt"},
+            valued_short="oLPIHT",
+            double_dash=False,
+        )
+        for option in options:
+            if option.name == "-o":
+                self.write_path(option.path, "tree -o")
+        self._operand_paths(operands, via, write=False, name="tree")
 
     def _git(self, argv: Sequence[_Word], via: _Via) -> None:
         i = 1
         while i < len(argv):
-            text = argv[i].text
-            if text is None:
-                raise _Denied(f"git with a non-literal argument {argv[i].shown}")
+            text = _literal_argument(argv[i], "git")
             if text == "-c" or text.startswith(("-c", "--config-env")):
                 raise _Denied("git -c: setting git configuration on the command line is always denied")
             if text.startswith("--exec-path"):
@@ -1640,9 +1607,8 @@ class _BashCheck:
         texts = [w.text for w in argv]
         start: int | None = 1 if "" in subcommands else None
         if start is None:
-            for index, text in enumerate(texts[1:], start=1):
-                if text is None:
-                    raise _Denied(f"{name} with a non-literal argument {argv[index].shown}")
+            for index, word in enumerate(argv[1:], start=1):
+                text = _literal_argument(word, name)
                 if text in subcommands or (
                     name == "uv" and text == "tool" and texts[index + 1 :][:1] == ["run"]
                 ):
@@ -1655,9 +1621,7 @@ class _BashCheck:
             return
         i = start
         while i < len(argv):
-            text = texts[i]
-            if text is None:
-                raise _Denied(f"{name} with a non-literal argument {argv[i].shown}")
+            text = _literal_argument(argv[i], name)
             if text == "--":
                 i += 1
                 break
@@ -1790,18 +1754,6 @@ def _cd_target(argv: Sequence[_Word]) -> str:
     return target.text
 
 
-def _short_cluster(text: str, valued: str) -> tuple[list[tuple[str, str]], bool]:
-    """Split `-abc` into (flag, attached value) pairs; True when the last flag takes the next argument."""
-    flags: list[tuple[str, str]] = []
-    for index, flag in enumerate(text[1:], start=1):
-        if flag in valued:
-            value = text[index + 1 :]
-            flags.append((flag, value))
-            return flags, not value
-        flags.append((flag, ""))
-    return flags, False
-
-
 def _as_positional(word: _Word) -> _Word:
     """A word known to be an operand: a leading '-' does not make it an option."""
     if word.text is not None and word.text.startswith("-") and word.text != "-":
@@ -1835,17 +1787,7 @@ def _backtick_body(node: Node) -> str:
             in_double_quotes = True
             break
         parent = parent.parent
-    special = '$`\\"' if in_double_quotes else "$`\\"
-    out: list[str] = []
-    i = 0
-    while i < len(raw):
-        if raw[i] == "\\" and i + 1 < len(raw) and raw[i + 1] in special:
-            out.append(raw[i + 1])
-            i += 2
-            continue
-        out.append(raw[i])
-        i += 1
-    return "".join(out)
+    return _unescape(raw, '$`\\"' if in_double_quotes else "$`\\")
 
 
 # --- paths -----------------------------------------------------------------------------------------
