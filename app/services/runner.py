@@ -560,8 +560,9 @@ class _Flow:
                 continue
             if rounds[gate] >= self.run.options.max_fix_rounds:
                 self.result.gates = list(reports.values())
-                detail = f"{gate.value} still failing after {rounds[gate]} fix rounds"
-                return self.fail(StepName(gate.value), f"{detail}:\n{feedback[-3000:]}")
+                state = "failing" if report.status == "failed" else report.status.replace("_", " ")
+                detail = f"{gate.value} still {state} after {rounds[gate]} fix rounds"
+                return self.fail(StepName(gate.value), f"{detail}:\n{(feedback or report.detail)[-3000:]}")
             rounds[gate] += 1
             if feedback:
                 fixed = await _announced(
