@@ -16,15 +16,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
+import psycopg
+from psycopg import sql
 
-from app.demo.model_server import Script, ScriptedModelServer
+from app.demo.model_server import RecordedRequest, Script, ScriptedModelServer, prompt_texts
 from app.demo.sample import DEMO_TICKET, create_origin
 from tests.fakes.github_server import FakeGitHub
 from tests.servers import free_port
@@ -172,13 +175,14 @@ class Stack:
     tmp_path: Path
     scripts: list[Script]
     settings: dict[str, str] = field(default_factory=dict)
+    sample_files: dict[str, str] | None = None
     origin: Path = field(init=False)
     model: ScriptedModelServer = field(init=False)
     github: FakeGitHub = field(init=False)
     services: list[Service] = field(default_factory=list)
 
     def __enter__(self) -> Stack:
-        self.origin = create_origin(self.tmp_path / "remote")
+        self.origin = create_origin(self.tmp_path / "remote", self.sample_files)
         self.model = ScriptedModelServer(self.scripts)
         self.model.start()
         self.github = FakeGitHub(repos=(GITHUB_REPO,), token=GITHUB_TOKEN).__enter__()
@@ -246,6 +250,26 @@ class Stack:
         )
         return done.stdout.strip() or None
 
+    def origin_branches(self) -> list[str]:
+        """Every branch of the origin, sorted."""
+        done = subprocess.run(
+            ["git", "-C", str(self.origin), "for-each-ref", "--format=%(refname:short)", "refs/heads"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return sorted(done.stdout.split())
+
+    def model_requests(self, trigger: str, turn: int | None = None) -> list[RecordedRequest]:
+        """The message requests the model server answered from the script of `trigger` (at `turn`)."""
+        return [
+            request
+            for request in self.model.message_requests
+            if request.selection is not None
+            and request.selection.script.trigger == trigger
+            and (turn is None or request.selection.turn_index == turn)
+        ]
+
     def origin_files(self, branch: str) -> list[str]:
         done = subprocess.run(
             ["git", "-C", str(self.origin), "ls-tree", "-r", "--name-only", branch],
@@ -256,10 +280,53 @@ class Stack:
         return done.stdout.split()
 
 
-def log_lines(service: Service) -> list[dict[str, Any]]:
-    """The service's JSON log lines (other lines, e.g. a crash trace, are skipped)."""
+def step_names(run: dict[str, Any]) -> list[str]:
+    """The names of a run record's steps, in order."""
+    return [str(step["name"]) for step in run["steps"]]
+
+
+def latest_prompt(request: RecordedRequest) -> str:
+    """The prompt text of the last user message that has one (system reminders left out)."""
+    for message in reversed(request.messages):
+        if message.get("role") == "user" and (texts := prompt_texts(message)):
+            return "\n".join(texts)
+    return ""
+
+
+def session_of(request: RecordedRequest) -> str | None:
+    """The agent session a model request belongs to, as the CLI names it in its headers."""
+    return request.headers.get("x-claude-code-session-id")
+
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def postgres_problem(admin_url: str = POSTGRES_ADMIN_URL) -> str | None:
+    """Why PostgreSQL cannot be used for a test, or None when it can."""
+    try:
+        psycopg.connect(admin_url, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        return f"PostgreSQL is not reachable at {admin_url.rsplit('@', 1)[-1]}: {exc}"
+    return None
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str = POSTGRES_ADMIN_URL) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped at the end; yields its URL."""
+    name = f"auto_code_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def log_lines(service: Service, since: int = 0) -> list[dict[str, Any]]:
+    """The service's JSON log lines from character `since` on (other lines, e.g. a crash trace, are
+    skipped). A restarted service appends to its predecessor's log: pass `len(old.logs())`."""
     lines = []
-    for line in service.logs().splitlines():
+    for line in service.logs()[since:].splitlines():
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
             if isinstance(entry, dict):
