@@ -244,7 +244,7 @@ def render_pr_body(result: RunResult, ticket: Ticket) -> str:
                 name=report.gate.value,
                 status=report.status,
                 detail=report.detail,
-                preexisting=[report.preexisting] if report.preexisting else [],
+                preexisting=report.preexisting.splitlines(),
             )
             for report in result.gates
         ],

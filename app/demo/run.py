@@ -99,9 +99,8 @@ def summary(record: RunRecord, origin: Path) -> str:
     ]
     lines += [f"  - {step.summary}" for step in fixes]
     lines.append(f"Gates: {', '.join(f'{g.gate.value} {g.status}' for g in result.gates) or '-'}")
-    lines.append(
-        f"Agent turns: {result.turns}, cost: ${result.cost_usd:.4f} (the CLI's price list; the scripted model charged nothing)"
-    )
+    price = "the CLI's price list; the scripted model charged nothing"
+    lines.append(f"Agent turns: {result.turns}, cost: ${result.cost_usd:.4f} ({price})")
     if result.branch and result.commit:
         lines.append(f"Branch: {result.branch} at {result.commit[:12]} in {origin}")
         lines.append(f"  see it with: git -C {origin} log --stat -1 {result.branch}")

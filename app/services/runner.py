@@ -44,7 +44,7 @@ from app.models import (
     Submission,
     Ticket,
 )
-from app.services.checks import new_failures
+from app.services.checks import failure_fingerprints, new_failures
 
 log = get_logger(__name__)
 
@@ -225,6 +225,11 @@ class RunResult(BaseModel):
     cost_usd: float = 0.0
     denials: list[str] = Field(default_factory=list)
     retry_of: str | None = None
+
+
+def _failure_list(result: CheckResult) -> str:
+    """One line a failure when the output names them, else the output's tail."""
+    return "\n".join(sorted(failure_fingerprints(result.output))) or result.output[-3000:]
 
 
 def _check_summary(result: CheckResult) -> str:
@@ -625,7 +630,7 @@ class _Flow:
         fresh = new_failures(check, baselines[gate])
         if fresh is None:
             report = GateReport(
-                gate=gate, status="failing on base", detail=check.reason, preexisting=check.output[-3000:]
+                gate=gate, status="failing on base", detail=check.reason, preexisting=_failure_list(check)
             )
             return None, report, None
         command = " ".join(check.command)
