@@ -22,7 +22,8 @@ def slow_implementation(seconds: int = 6) -> list[Script]:
     scripts = []
     for script in demo_scripts():
         if script.trigger == IMPLEMENT_TRIGGER:
-            pause = Turn(tool_calls=[ToolCall.bash(f"sleep {seconds}")])
+            # A bare `sleep N` may be answered at once by the CLI; this form really waits.
+            pause = Turn(tool_calls=[ToolCall.bash(f"echo working; sleep {seconds}; echo done")])
             script = dataclasses.replace(script, turns=[pause, *script.turns])
         scripts.append(script)
     return scripts
