@@ -17,6 +17,9 @@ from claude_agent_sdk import (
     ResultMessage,
     query,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tree_sitter import Parser
 
 from app.demo.model_server import Script, ScriptedModelServer, ToolCall, Turn
 from app.errors import ConfigError
@@ -200,6 +203,37 @@ ALLOWED = [
     "xargs -0 -n1 -I{} echo {}",
     "timeout --signal=KILL -k 5 10 ls",
     "tree -o listing.txt -L 2 src",
+    # long options abbreviated as GNU getopt_long allows are read by their full names
+    "sort --rev --key=2 src/app.py",
+    "sort --outp=src/sorted.txt src/app.py",
+    "sort -R --random-sou=src/app.py src/app.py",
+    "sed --in-pl=.bak --expr=1p src/app.py",
+    "grep --ignore-c --exclude-fr=src/app.py foo src",
+    "echo x | xargs --eof=EOF --max-l echo",
+    "env --unset FOO -- A=1 ls",
+    "timeout --sig=KILL 5 ls",
+    "nice --adj=5 ls",
+    "git grep --or -e a -e O src",
+    "rg --files src",
+    # tree's own option syntax, and jq's options wherever they stand
+    "tree -L2 -o listing.txt src",
+    "tree -aLo 2 listing.txt src",
+    "tree --infofile=src/app.py -- src",
+    "jq -cr '.scripts' package.json",
+    "jq -n --arg x 'import' --slurpfile y package.json '$x'",
+    "jq -n --args '$ARGS' a b",
+    # expansions where they cannot become options
+    'find src -name "$x" -newermt "$d" -print',
+    'git log -1 -- "$f"',
+    'git show "HEAD:$f"',
+    'rg -e "$x" src',
+    'grep -- "$x" src',
+    'grep "foo$x" src',
+    'grep -e "$x" src',
+    'env -u "$x" ls',
+    'find src -exec echo "$x" \\;',
+    "set -o errexit -o nounset +x; set -- a -k; ls",
+    "date -r src/app.py +%s && du -sh src && cut -d/ -f2 src/app.py",
 ]
 
 
@@ -496,6 +530,120 @@ DENIED = [
     ("xargs -I $x echo", "xargs -I without a literal replace string"),
     ("timeout --bogus 5 ls", "timeout --bogus: option not allowed"),
     ("tree -ao /tmp/x src", "tree -o: /tmp/x"),
+    # long options abbreviated as GNU getopt_long allows: resolved, or denied when unknown or ambiguous
+    ("sort --outp=.git/hooks/pre-commit src/app.py", "sort --output: .git/hooks/pre-commit is inside .git"),
+    ("sort --out /tmp/x src/app.py", "sort --output: /tmp/x"),
+    ("sort --compress-prog=sh -S 1 src/app.py", "sort --compress-program runs a command"),
+    ("sort --comp=curl src/app.py", "sort --compress-program runs a command"),
+    ("sort --temp=/tmp src/app.py", "sort --temporary-directory: /tmp"),
+    ("sort --fil=list.txt", "sort --files0-from reads the files to sort from a list"),
+    ("sort --random-sou=/etc/passwd src/app.py", "sort --random-source: /etc/passwd"),
+    ("sort --rand=x src/app.py", "sort --rand: unknown or ambiguous option"),
+    ("sort --bogus src/app.py", "sort --bogus: unknown or ambiguous option"),
+    ("sed --in-pl 's/a/b/' .git/hooks/pre-commit", "sed -i: .git/hooks/pre-commit is inside .git"),
+    ("sed --in-pl=../x 's/a/b/' src/app.py", "sed --in-place with a backup suffix"),
+    ("sed --expr='1e curl x' src/app.py", "the e command executes"),
+    ("sed --fi=x.sed src/app.py", "sed --file: option not allowed"),
+    ("sed --bogus src/app.py", "sed --bogus: unknown or ambiguous option"),
+    ("grep --exclude-f=/etc/passwd foo src", "grep --exclude-from: /etc/passwd"),
+    ("grep --exclude-from /etc/passwd foo src", "grep --exclude-from: /etc/passwd"),
+    ("grep --fil=/etc/passwd src", "grep --fil: unknown or ambiguous option"),
+    ("rg --pre=curl foo", "rg --pre runs a command"),
+    ("rg --hostname-bin curl foo", "rg --hostname-bin runs a command"),
+    ("rg --pre-glob '*.gz' --pre curl foo", "rg --pre-glob runs a command"),
+    ("rg --pr curl foo", "rg --pr: unknown or ambiguous option"),  # ripgrep takes no abbreviations
+    ("rg --pre-g '*.gz' foo", "rg --pre-g: unknown or ambiguous option"),
+    ("rg --hostname-b=curl foo", "rg --hostname-b: unknown or ambiguous option"),
+    ("rg --ignore-file /etc/passwd foo src", "rg --ignore-file: /etc/passwd"),
+    ("rg --files /etc", "rg: /etc"),
+    ("git grep --open=curl foo", "git grep -O runs a pager command"),
+    ("git grep --op foo", "git grep -O runs a pager command"),
+    ("git grep -iOcurl foo", "git grep -O runs a pager command"),
+    ("echo http://x | xargs --eof curl echo", "curl: network"),  # --eof takes only =value
+    ("echo http://x | xargs --max-lines curl echo", "curl: network"),
+    ("xargs --arg=/etc/passwd echo", "xargs -a: /etc/passwd"),
+    ("env --chd=/ cat etc/passwd", "env --chd=/: option not allowed"),
+    ("env --split='curl x'", "env --split=curl x: option not allowed"),
+    ("env A=1 -i curl x", "-i: not on the command allowlist"),  # options end at the first operand
+    ("timeout --bogus=1 5 ls", "timeout --bogus=1: option not allowed"),
+    ("POSIXLY_CORRECT=1 grep x src -e /etc/passwd", "setting POSIXLY_CORRECT"),
+    ("RIPGREP_CONFIG_PATH=rg.conf rg foo", "setting RIPGREP_CONFIG_PATH"),
+    # find's single-dash options that write or read lists
+    ("find . -fprint .git/hooks/pre-commit", "find -fprint: .git/hooks/pre-commit is inside .git"),
+    ("find . -fprint0 /tmp/x", "find -fprint0: /tmp/x"),
+    ("find . -fls .github/workflows/x.yml", "find -fls: .github/workflows/x.yml is CI configuration"),
+    ("find . -fprintf /tmp/x '%p'", "find -fprintf: /tmp/x"),
+    ("find -files0-from list.txt -delete", "find -files0-from reads its start paths"),
+    # tree: `--` ends its options; a valued letter takes the next word while its cluster goes on
+    ("tree -- -L /etc", "tree: /etc"),
+    ("tree -- /etc", "tree: /etc"),
+    ("tree -Lo 2 .git/hooks/pre-commit", "tree -o: .git/hooks/pre-commit is inside .git"),
+    ("tree -ox .git/hooks/pre-commit", "tree -o: .git/hooks/pre-commit is inside .git"),
+    ("tree -L2o /tmp/x src", "tree -o: /tmp/x"),
+    ("tree -L2 /etc", "tree: /etc"),
+    ("tree --output=x src", "tree --output: unknown or ambiguous option"),
+    ("tree --outfile x src", "tree --outfile: unknown or ambiguous option"),
+    ("tree -RL 1 -H . src", "tree -R writes a 00Tree.html"),
+    ("tree --fromfile /etc/passwd", "tree: /etc/passwd"),
+    ("tree --infofile=/etc/passwd src", "tree --infofile: /etc/passwd"),
+    ("tree --gitfile /etc/passwd src", "tree --gitfile: /etc/passwd"),
+    ("tree -H . --hintro=../outside.txt src", "tree --hintro: ../outside.txt resolves"),
+    # jq: -f and -L found in clusters and after --args, file options checked, the filter found
+    ("jq -nf /etc/passwd", "jq -f: filters from files"),
+    ("jq -rf filter.jq package.json", "jq -f: filters from files"),
+    ("jq --from-file filter.jq package.json", "jq --from-file: filters from files"),
+    ("jq -nL /tmp .", "jq -L: filters from files and module paths"),
+    ("jq --args -nf filter.jq", "jq -f: filters from files"),
+    ("jq -n --args 'import \"x\" as $x; .'", "jq import"),
+    ("jq --arg x y 'include \"x\"; .' package.json", "jq import"),
+    ("jq --slurpfile x /etc/passwd -n '$x'", "jq --slurpfile: /etc/passwd"),
+    ("jq --argfile x ../outside.txt -n '$x'", "jq --argfile: ../outside.txt resolves"),
+    ("jq --indent 2 . /etc/passwd", "jq: /etc/passwd"),
+    ("jq --bogus . package.json", "jq --bogus: unknown or ambiguous option"),
+    # expansions where a command reads options: the shell could hand it -exec, --output=..., --pre=...
+    ("x=-exec; find . -name a $x curl {} \\;", "find $…: an expansion where find reads its expression"),
+    ('find . -type f "$x" /tmp/out', "find $…: an expansion where find reads its expression"),
+    ('git diff "$x"', "git diff $…: an expansion here could be an option"),
+    ('git diff --output="$x"', "git diff --output=$…: an expansion here could be an option"),
+    ('git grep "$x" foo', "git grep $…: an expansion here could be an option"),
+    ('rg "$x" src', "rg $…: an expansion here could be an option"),
+    ("grep --file=$x src", "grep --file=$…: an expansion here could be an option"),
+    ("grep foo$x src", "grep foo$…: an expansion here could be an option"),  # unquoted: it may split
+    # unquoted expansions taken as option values: splitting could add options or a command
+    ("grep -e $x src", "grep $…: an unquoted expansion could split into more arguments"),
+    ("env -u $x ls", "env $…: an unquoted expansion could split"),
+    ("awk -v $x '{print}' src/app.py", "awk $…: an unquoted expansion could split"),
+    ("npx -p $x eslint .", "npx $…: an unquoted expansion could split"),
+    ("read -d $x line", "read $…: an unquoted expansion could split"),
+    ("find . -name $x", "find $…: an expansion where find reads its expression"),
+    ("find . -exec echo $x \\;", "find -exec $…: an unquoted expansion could split"),
+    # shell options that change how bash reads what follows
+    ("set -k; ls PATH=/tmp/bin", "set -k: not allowed"),
+    ("set -o keyword; ls PATH=/tmp/bin", "set -o keyword: not allowed"),
+    ("set -eo history", "set -o history: not allowed"),
+    ("set -H", "set -H: not allowed"),
+    ("bash -o keyword -c 'ls PATH=/tmp/bin'", "bash -o keyword: not allowed"),
+    ("bash -o $x -c ls", "bash with a non-literal argument"),
+    # file values of read commands' options, attached or abbreviated
+    ("date -f/etc/passwd", "date -f: /etc/passwd"),
+    ("date -uf/etc/passwd", "date -f: /etc/passwd"),
+    ("date --fil=etc_link/passwd", "date --fil: etc_link/passwd resolves to /etc/passwd"),
+    ("file -m/etc/magic src/app.py", "file -m: /etc/magic"),
+    ("du -X/etc/x .", "du -X: /etc/x"),
+    # patterns read as bash reads them: [^x] negates, and POSIX classes are not expanded by the policy
+    ("cat [^x]tc_link/passwd", "etc_link/passwd resolves to /etc/passwd, outside the worktree"),
+    ("cat [[:alpha:]]tc_link/passwd", "has a bracket class ([[:alpha:]])"),
+    # code points tree-sitter-bash crashes on, and text that cannot be encoded
+    ("echo {\U000e0100", "characters beyond U+2FFFF"),
+    ("echo {\U000f0000}", "characters beyond U+2FFFF"),
+    ("echo \udc80", "lone surrogates"),
+    # sed scripts the checker once raised on
+    ("sed ls", "the sed script could not be parsed"),
+    ("sed y", "the sed script could not be parsed"),
+    ("sed s src/app.py", "the sed script could not be parsed"),
+    ("sed -n 'y/abc/' src/app.py", "the sed script could not be parsed"),
+    ("sed '\\' src/app.py", "the sed script could not be parsed"),
+    ("sed -n '/a\\' src/app.py", "the sed script could not be parsed"),
 ]
 
 
@@ -511,6 +659,66 @@ def test_enough_policy_cases_and_a_sane_default_allowlist() -> None:
     assert len(ALLOWED) + len(DENIED) + len(TOOL_CASES) >= 150
     assert {"ls", "git", "npm", "python3", "pytest", "make", "cargo", "go"} <= DEFAULT_ALLOWED_COMMANDS
     assert not DEFAULT_ALLOWED_COMMANDS & ALWAYS_DENIED_COMMANDS
+
+
+# Random command lines: checked commands with pieces of their options and programs, and shell syntax.
+_COMMANDS = [
+    "ls", "cat", "sed", "sort", "tree", "jq", "grep", "rg", "find", "xargs", "env", "timeout", "git",
+    "git grep", "bash -c", "awk", "cd", "echo", "npx", "uv run", "time", "command", "exec", "./run.sh",
+]  # fmt: skip
+_ARGUMENTS = [
+    "-", "--", "-c", "-e", "-f", "-i", "-n", "-o", "-L", "-O", "-R", "-Lo", "-nf", "-ox", "--outp=x",
+    "--in-pl", "--eof", "--args", "--arg", "--files", "-exec", "-delete", "{}", "\\;", "+", "grep",
+    "s/a/b/", "y", "s", "ls", "1e x", "/a\\", "y/ab/", "'{print}'", ".", "'$x'", "/etc", "src/app.py",
+    ".git/hooks/x", "..", "~", "*", "$x", "${x}", "x=1", "'a b'", "\"$(ls)\"",
+]  # fmt: skip
+_SHELL = ["|", "||", "&&", "&", ";", "\n", ">", ">>", "<", "<<<", "(", ")", "{", "}", "$(", "`", "'", '"',
+          "<<EOF\nx\nEOF\n", "[[", "]]", "#", "!", "\\", "$'\\x41'", "<(ls)", "$((1))"]  # fmt: skip
+_simple_command = st.builds(
+    lambda name, arguments: " ".join([name, *arguments]),
+    st.sampled_from(_COMMANDS),
+    st.lists(st.sampled_from(_ARGUMENTS) | st.text(max_size=3), max_size=5),
+)
+_command_lines = st.builds(
+    lambda first, more: first + "".join(f" {glue} {command}" for glue, command in more),
+    _simple_command,
+    st.lists(st.tuples(st.sampled_from(_SHELL), _simple_command), max_size=2),
+)
+_shell_soup = st.tuples(
+    st.lists(st.sampled_from(_COMMANDS + _ARGUMENTS + _SHELL) | st.text(max_size=4), max_size=14),
+    st.sampled_from([" ", ""]),
+).map(lambda parts: parts[1].join(parts[0]))
+_FUZZ = settings(
+    max_examples=500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+@_FUZZ
+@given(command=st.one_of(_command_lines, _command_lines, _shell_soup, st.text(max_size=200)))
+def test_check_bash_answers_every_input_without_raising(policy: AgentPolicy, command: str) -> None:
+    decision = policy.check_bash(command)
+    assert isinstance(decision, Decision) and decision.reason
+    assert "internal policy error" not in decision.reason, (command, decision.reason)
+
+
+@_FUZZ
+@given(script=st.text(alphabet="sy/|\\aeirwp1$,;{}!# \nIg", max_size=12))
+def test_every_sed_script_gets_an_answer(policy: AgentPolicy, script: str) -> None:
+    decision = policy.check_bash(f"sed -n {_single_quote(script)} src/app.py")
+    assert "internal policy error" not in decision.reason, (script, decision.reason)
+
+
+def test_check_bash_fails_closed_when_the_policy_itself_breaks(worktree: Path) -> None:
+    class Broken(AgentPolicy):
+        def parser(self) -> Parser:
+            raise RuntimeError("boom")
+
+    decision = Broken(PolicyConfig(worktree=worktree)).check_bash("ls")
+    assert not decision.allowed
+    assert decision.reason == "Bash command denied: internal policy error: RuntimeError('boom')"
 
 
 def test_empty_long_and_deep_commands(policy: AgentPolicy) -> None:
@@ -587,6 +795,20 @@ def test_relative_paths_follow_the_shell_working_directory(policy: AgentPolicy, 
     assert not policy.check_bash("echo x > workflows/ci.yml", cwd=worktree / ".github").allowed
     outside = policy.check_bash("ls", cwd=worktree.parent)
     assert not outside.allowed and "working directory" in outside.reason
+
+
+def test_patterns_expand_neither_to_options_nor_out_of_the_worktree(
+    policy: AgentPolicy, worktree: Path
+) -> None:
+    hook = worktree / "--output=.git" / "hooks" / "pre-commit"
+    hook.parent.mkdir(parents=True)
+    hook.write_text("x\n")
+    option = policy.check_bash("sort */*/*")  # bash passes --output=.git/hooks/pre-commit to sort
+    assert not option.allowed and "matches --output=.git/hooks/pre-commit, an option to sort" in option.reason
+    outside = policy.check_bash("grep /etc/pass* src")  # the pattern operand becomes /etc/passwd, a file
+    assert not outside.allowed and "outside the worktree" in outside.reason
+    assert not policy.check_bash("echo etc_*").allowed  # etc_link resolves to /etc
+    assert policy.check_bash("wc -l src/*.py && echo src/*").allowed
 
 
 def test_project_scripts_run_only_from_inside_the_worktree(policy: AgentPolicy, worktree: Path) -> None:

@@ -13,10 +13,14 @@ privilege and container tools, `eval`, `git push/remote/config/credential` and `
 whatever the allowlist says. Wrappers (`env`, `xargs`, `find -exec`, `timeout`, `nice`, `nohup`, `time`,
 `command`, `exec`, `bash -c`, `npx`, `uv run`, ...) are unwrapped and the inner command checked; behind
 xargs or find's `{}` only commands that unseen arguments cannot redirect may run. File commands need
-literal paths; paths, redirect targets and `cd` targets must resolve (symlinks and globs followed)
-inside the worktree, and writes must stay out of `.git/` and CI configuration. Denied by choice: function
-definitions (a function can shadow an allowed name), background jobs, `exec` redirections, shells reading
-commands from stdin, `find -execdir`, and arithmetic or `test -v` on variables (bash runs a variable
+literal paths; paths, redirect targets and `cd` targets must resolve (symlinks and globs followed) inside
+the worktree, and writes must stay out of `.git/` and CI configuration. Options are read as each command
+reads them: the file programs (grep, rg, sed, sort, tree, jq) declare every long option they have, GNU
+abbreviations (`--outp` for `--output`) resolve to the full name, and an unknown or ambiguous option, or
+an expansion where a command reads options, is denied; an unquoted pattern must expand to names in the
+worktree that cannot read as options. Denied by choice: function definitions (a function can shadow an
+allowed name), background jobs, `exec` redirections, shells reading commands from stdin, `set -k` and
+history expansion, `find -execdir`, and arithmetic or `test -v` on variables (bash runs a variable
 holding `a[$(cmd)]` as code there). `./script` or `bash script.sh` runs when the script resolves inside
 the worktree: it is project code, like `npm test`.
 
@@ -96,6 +100,15 @@ _READ_COMMANDS = frozenset(
         "sha256sum", "sha512sum", "cmp", "base64", "date",
     }
 )  # fmt: skip
+# Options of read commands whose value is a file they read: (short letters, long names).
+_READ_FILE_OPTIONS: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "date": ("fr", ("--file", "--reference")),
+    "file": ("fm", ("--files-from", "--magic-file")),
+    "du": ("X", ("--exclude-from", "--files0-from")),
+    "wc": ("", ("--files0-from",)),
+    "diff": ("X", ("--exclude-from", "--from-file", "--to-file")),
+    "hexdump": ("f", ()),
+}
 # Every positional argument and option value is a path the command may write.
 _WRITE_COMMANDS = frozenset({"mkdir", "touch", "cp", "mv", "rm", "rmdir", "chmod", "ln", "tee"})
 _DELETE_COMMANDS = frozenset({"rm", "rmdir"})
@@ -121,10 +134,12 @@ _FILE_PROGRAMS = frozenset({"grep", "rg", "sed", "awk", "jq", "sort", "uniq", "t
 _SYSTEM_BIN_DIRS = ("/bin", "/usr/bin", "/usr/local/bin", "/sbin", "/usr/sbin")
 _SCRIPT_SUFFIXES = (".py", ".js", ".mjs", ".cjs", ".ts", ".sh")
 
-# Variables that change which program runs or what a shell does at start-up.
+# Variables that change which program runs, what a shell does at start-up, or how a command reads its
+# arguments (POSIXLY_CORRECT ends GNU options at the first operand; ripgrep reads options from a file).
 _DENIED_ASSIGNMENTS = frozenset(
     {"PATH", "ENV", "SHELLOPTS", "BASHOPTS", "PS1", "PS2", "PS3", "PS4", "PROMPT_COMMAND",
-     "CDPATH", "HOME", "SHELL", "PAGER", "EDITOR", "VISUAL", "GCONV_PATH", "GLOBIGNORE"}
+     "CDPATH", "HOME", "SHELL", "PAGER", "EDITOR", "VISUAL", "GCONV_PATH", "GLOBIGNORE",
+     "POSIXLY_CORRECT", "RIPGREP_CONFIG_PATH"}
 )  # fmt: skip
 _DENIED_ASSIGNMENT_PREFIXES = ("LD_", "DYLD_", "BASH_", "GIT_")
 _XARGS_FLAGS = frozenset(
@@ -132,18 +147,26 @@ _XARGS_FLAGS = frozenset(
      "-o", "--open-tty", "--show-limits"}
 )  # fmt: skip
 _XARGS_VALUED = frozenset(
-    {"-a", "--arg-file", "-d", "--delimiter", "-E", "--eof", "-I", "-L", "--max-lines", "-n", "--max-args",
-     "-P", "--max-procs", "-s", "--max-chars", "--process-slot-var"}
+    {"-a", "--arg-file", "-d", "--delimiter", "-E", "-I", "-L", "-n", "--max-args", "-P", "--max-procs", "-s",
+     "--max-chars", "--process-slot-var"}
 )  # fmt: skip
-_GREP_VALUED_LONG = frozenset(
-    {"--regexp", "--file", "--context", "--after-context", "--before-context", "--max-count", "--include",
-     "--exclude", "--exclude-dir", "--label", "--glob", "--iglob", "--type", "--type-not", "--threads",
-     "--max-columns", "--encoding", "--replace", "--type-add", "--sort", "--sortr", "--max-depth",
-     "--max-filesize", "--engine", "--path-separator"}
+# Only an attached value: in `xargs --eof curl x` curl is the command.
+_XARGS_OPTIONAL = frozenset({"-e", "--eof", "-i", "--replace", "-l", "--max-lines"})
+# `set` and `bash -o` options that leave bash reading commands as the policy reads them: not -k (then
+# `ls PATH=/x` sets PATH for ls) nor history expansion (-H, -o history: `!!` rewrites a line before parsing).
+_SET_FLAGS = "abefhmnuvxBCEPT"
+_SHELL_OPTION_NAMES = frozenset(
+    {"allexport", "braceexpand", "errexit", "errtrace", "functrace", "hashall", "monitor", "noclobber",
+     "noexec", "noglob", "notify", "nounset", "physical", "pipefail", "verbose", "xtrace"}
 )  # fmt: skip
-_SORT_VALUED_LONG = frozenset(
-    {"--output", "--temporary-directory", "--key", "--field-separator", "--buffer-size", "--files0-from"}
-)
+# find tests whose value may be an expansion (anywhere else in the expression it could be -exec).
+_FIND_VALUED_TESTS = frozenset(
+    {"-name", "-iname", "-path", "-ipath", "-wholename", "-iwholename", "-lname", "-ilname", "-regex",
+     "-iregex", "-regextype", "-type", "-xtype", "-size", "-perm", "-user", "-group", "-uid", "-gid",
+     "-anewer", "-cnewer", "-mtime", "-atime", "-ctime", "-mmin", "-amin", "-cmin", "-maxdepth",
+     "-mindepth", "-links", "-inum", "-samefile", "-used", "-fstype", "-context", "-printf"}
+)  # fmt: skip
+_ENV_FLAGS = frozenset({"-i", "--ignore-environment", "-0", "--null", "-v", "--debug"})
 _SED_LONG_FLAGS = frozenset(
     {"--quiet", "--silent", "--regexp-extended", "--separate", "--null-data", "--unbuffered", "--posix",
      "--debug", "--sandbox", "--follow-symlinks", "--zero-terminated", "--line-length"}
@@ -406,7 +429,7 @@ def _word(node: Node) -> _Word:
 class _Option:
     """One option as a getopt-style command reads it: `-x` or `--name`, and the value it takes."""
 
-    name: str
+    name: str  # the full name of a long option, even when the command line abbreviates it
     value: _Word | None = None  # the attached or the next word; None for a flag or when nothing follows
     attached: str | None = None  # the value's text when the option's own word carried it (`--name=v`, `-xv`)
 
@@ -416,49 +439,112 @@ class _Option:
         return self.value or _Word.literal("")
 
 
-def _parse_options(
-    words: Sequence[_Word],
-    *,
-    valued_long: Collection[str] = (),
-    valued_short: str = "",
-    optional_short: str = "",
-    double_dash: bool = True,
-) -> tuple[list[_Option], list[_Word]]:
-    """Split a command's arguments as GNU getopt does: its options in order, and its operands.
+@dataclass(frozen=True)
+class _Syntax:
+    """How one command spells its options. Every long option it has is listed, so none passes unchecked."""
 
-    A long option takes `=value`, or the next word when it is in `valued_long`. A short cluster `-abc`
-    is one option a letter; a `valued_short` letter takes the rest of the cluster or else the next word,
-    an `optional_short` one only the rest. Expansions are operands, and so is everything after `--`
-    (unless `double_dash` is False: then `--` is an option of no meaning and options go on). Long
-    names are taken whole: the abbreviations GNU tools accept (`--out` for `--output`) are not resolved.
+    long_flags: frozenset[str] = frozenset()  # no value, or only an attached `=value`
+    long_valued: frozenset[str] = frozenset()  # `=value` or the next word
+    long_paired: frozenset[str] = frozenset()  # the next two words (jq --arg NAME VALUE), the value last
+    short_valued: str = ""  # the rest of the cluster, else the next word (getopt)
+    short_optional: str = ""  # the rest of the cluster only
+    short_next: str = ""  # the next word while the cluster goes on, or the digits after it (tree -Lo 2 x)
+    abbreviations: bool = True  # GNU getopt_long: an unambiguous prefix names a long option (--outp)
+
+    @property
+    def long_names(self) -> frozenset[str]:
+        return self.long_flags | self.long_valued | self.long_paired
+
+
+def _long_option(written: str, known: Collection[str], *, abbreviations: bool = True) -> str | None:
+    """The known long option `written` names: itself, or the only one it abbreviates; None otherwise."""
+    if written in known:
+        return written
+    if not abbreviations or written == "--":
+        return None
+    matches = [name for name in known if name.startswith(written)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _parse_options(
+    command: str, words: Sequence[_Word], syntax: _Syntax
+) -> tuple[list[_Option], list[_Word]]:
+    """Split a command's arguments as its option parser does: its options in order, and its operands.
+
+    Options may follow operands (GNU permutation), and everything after `--` is an operand. An expansion
+    is an operand when it cannot become an option, and denied otherwise. A long option is resolved to its
+    full name (abbreviations expanded where the command accepts them); an unknown or ambiguous one is
+    denied, because the policy cannot tell what it does.
     """
     options: list[_Option] = []
     operands: list[_Word] = []
     ended = False
     rest = iter(words)
+
+    def take_value() -> _Word | None:  # the next word, as an option's value
+        return _whole(next(rest, None), command)
+
     for word in rest:
         text = word.text
+        if not ended and _may_be_option(word):
+            raise _Denied(f"{command} {word.shown}: an expansion here could be an option; put it after --")
         if text is None or ended or not text.startswith("-") or text == "-":
             operands.append(word)
-        elif text == "--" and double_dash:
+        elif text == "--":
             ended = True
         elif text.startswith("--"):
-            name, eq, value = text.partition("=")
+            written, eq, value = text.partition("=")
+            name = _long_option(written, syntax.long_names, abbreviations=syntax.abbreviations)
+            if name is None:
+                raise _Denied(f"{command} {_short(written)}: unknown or ambiguous option")
             if eq:
                 options.append(_Option(name, _Word.literal(value), value))
+            elif name in syntax.long_paired:
+                take_value()
+                options.append(_Option(name, take_value()))
             else:
-                options.append(_Option(name, next(rest, None) if name in valued_long else None))
+                options.append(_Option(name, take_value() if name in syntax.long_valued else None))
         else:
-            for index, letter in enumerate(text[1:], start=1):
-                attached = text[index + 1 :]
-                if attached and letter in valued_short + optional_short:
-                    options.append(_Option("-" + letter, _Word.literal(attached), attached))
-                    break
-                if letter in valued_short:
-                    options.append(_Option("-" + letter, next(rest, None)))
-                    break
-                options.append(_Option("-" + letter))
+            options += _short_options(text[1:], syntax, take_value)
     return options, operands
+
+
+def _short_options(letters: str, syntax: _Syntax, take_value: Callable[[], _Word | None]) -> list[_Option]:
+    """The options of one cluster of short letters; valued ones may take the next words with `take_value`."""
+    options: list[_Option] = []
+    index = 0
+    while index < len(letters):
+        letter, attached = letters[index], letters[index + 1 :]
+        index += 1
+        if letter in syntax.short_next:
+            digits = "".join(itertools.takewhile(lambda c: c in "0123456789", attached))
+            index += len(digits)
+            options.append(
+                _Option("-" + letter, _Word.literal(digits) if digits else take_value(), digits or None)
+            )
+        elif attached and letter in syntax.short_valued + syntax.short_optional:
+            options.append(_Option("-" + letter, _Word.literal(attached), attached))
+            break
+        elif letter in syntax.short_valued:
+            options.append(_Option("-" + letter, take_value()))
+            break
+        else:
+            options.append(_Option("-" + letter))
+    return options
+
+
+def _may_be_option(word: _Word) -> bool:
+    """Whether an expansion could reach the command as an option: it may start with '-' or split in words."""
+    return word.text is None and (word.split or not word.prefix or word.prefix.startswith("-"))
+
+
+def _whole(word: _Word | None, command: str) -> _Word | None:
+    """`word`, which the shell passes as one argument; an unquoted expansion that may split is denied."""
+    if word is not None and word.split:
+        raise _Denied(
+            f"{command} {word.shown}: an unquoted expansion could split into more arguments; quote it"
+        )
+    return word
 
 
 def _literal_argument(word: _Word, command: str) -> str:
@@ -477,14 +563,17 @@ def _skip_options(
     why: str = "option not allowed",
     hook: Callable[[str, _Word | None], int | None] | None = None,
 ) -> int:
-    """Index of the first operand of a command whose options, spelled exactly, stop at the first operand.
+    """Index of the first operand of a command whose options end at its first operand; others are denied.
 
     A `valued` option takes the next word, `=value` or (a two-letter one) an attached value; an
-    `optional` two-letter one only an attached value. Any other option is denied with `why`.
-    `hook(text, next_word)` sees each option first and may answer how many words it takes.
+    `optional` one only an attached value. A long option may be abbreviated as GNU getopt_long allows
+    (the allowed names must hold every option of the command that is a prefix of one of them). Any
+    other option is denied with `why`. `hook(text, next_word)` sees each option, its long name spelled
+    out, first and may answer how many words it takes.
     """
     command = argv[0].text or ""
     attachable = [o for o in (*valued, *optional) if len(o) == 2]
+    long_names = [o for o in (*flags, *valued, *optional) if o.startswith("--")]
     i = 1
     while i < len(argv):
         text = _literal_argument(argv[i], command)
@@ -492,13 +581,19 @@ def _skip_options(
             return i + 1
         if not text.startswith("-") or text == "-":
             return i
+        if text.startswith("--"):
+            written, eq, value = text.partition("=")
+            resolved = _long_option(written, long_names)
+            if resolved is None:
+                raise _Denied(f"{command} {text}: {why}")
+            text = resolved + eq + value
+        name = text.partition("=")[0] if text.startswith("--") else text
         width = hook(text, argv[i + 1] if i + 1 < len(argv) else None) if hook else None
         if width is None:
-            if text in flags:
-                width = 1
-            elif text in valued:
+            if text in valued:
+                _whole(argv[i + 1] if i + 1 < len(argv) else None, command)
                 width = 2
-            elif text.partition("=")[0] in valued or any(text.startswith(o) for o in attachable):
+            elif text in flags or name in {*valued, *optional} or text.startswith(tuple(attachable)):
                 width = 1
             else:
                 raise _Denied(f"{command} {text}: {why}")
@@ -524,6 +619,118 @@ def _hide_marked(words: Iterable[_Word], marker: str) -> list[_Word]:
     return [_Word(None, w.prefix) if w.text and marker in w.text else w for w in words]
 
 
+# --- the options of the file programs --------------------------------------------------------------
+# Every long option of each command (GNU coreutils 9, sed 4.9, grep 3, ripgrep 14, tree 2, jq 1.6-1.7),
+# so that an abbreviation resolves as the command resolves it and an unknown option is denied.
+
+_SORT_SYNTAX = _Syntax(
+    long_flags=frozenset(
+        {"--ignore-leading-blanks", "--dictionary-order", "--ignore-case", "--general-numeric-sort",
+         "--ignore-nonprinting", "--month-sort", "--human-numeric-sort", "--numeric-sort", "--random-sort",
+         "--reverse", "--version-sort", "--check", "--debug", "--merge", "--stable", "--unique",
+         "--zero-terminated", "--help", "--version"}
+    ),
+    long_valued=frozenset(
+        {"--random-source", "--sort", "--batch-size", "--compress-program", "--files0-from", "--key",
+         "--output", "--buffer-size", "--field-separator", "--temporary-directory", "--parallel"}
+    ),
+    short_valued="koTtSy",
+)  # fmt: skip
+_SED_SYNTAX = _Syntax(
+    long_flags=frozenset(
+        {"--quiet", "--silent", "--debug", "--follow-symlinks", "--in-place", "--posix", "--regexp-extended",
+         "--separate", "--sandbox", "--unbuffered", "--null-data", "--zero-terminated", "--binary", "--help",
+         "--version"}
+    ),
+    long_valued=frozenset({"--expression", "--file", "--line-length"}),
+    short_valued="efl",
+    short_optional="i",
+)  # fmt: skip
+_GREP_SYNTAX = _Syntax(
+    long_flags=frozenset(
+        {"--extended-regexp", "--fixed-strings", "--fixed-regexp", "--basic-regexp", "--perl-regexp",
+         "--ignore-case", "--no-ignore-case", "--word-regexp", "--line-regexp", "--null-data",
+         "--no-messages", "--invert-match", "--version", "--help", "--byte-offset", "--line-number",
+         "--line-buffered", "--with-filename", "--no-filename", "--only-matching", "--quiet", "--silent",
+         "--text", "--recursive", "--dereference-recursive", "--files-without-match",
+         "--files-with-matches", "--count", "--initial-tab", "--null", "--binary", "--unix-byte-offsets",
+         "--no-group-separator", "--color", "--colour"}
+    ),
+    long_valued=frozenset(
+        {"--regexp", "--file", "--max-count", "--label", "--binary-files", "--devices", "--directories",
+         "--exclude", "--exclude-from", "--exclude-dir", "--include", "--before-context",
+         "--after-context", "--context", "--group-separator"}
+    ),
+    short_valued="efABCmdD",
+)  # fmt: skip
+_RG_SYNTAX = _Syntax(
+    long_flags=frozenset(
+        {"--help", "--version", "--pcre2-version", "--line-buffered", "--no-line-buffered",
+         "--block-buffered", "--no-block-buffered", "--ignore-case", "--case-sensitive", "--smart-case",
+         "--column", "--no-column", "--count", "--count-matches", "--include-zero", "--no-include-zero",
+         "--no-encoding", "--files-with-matches", "--files-without-match", "--with-filename",
+         "--no-filename", "--one-file-system", "--no-one-file-system", "--fixed-strings",
+         "--no-fixed-strings", "--follow", "--no-follow", "--glob-case-insensitive",
+         "--no-glob-case-insensitive", "--heading", "--no-heading", "--hidden", "--no-hidden",
+         "--auto-hybrid-regex", "--no-auto-hybrid-regex", "--ignore", "--no-ignore",
+         "--ignore-file-case-insensitive", "--no-ignore-file-case-insensitive", "--ignore-exclude",
+         "--no-ignore-exclude", "--ignore-global", "--no-ignore-global", "--ignore-parent",
+         "--no-ignore-parent", "--ignore-vcs", "--no-ignore-vcs", "--require-git", "--no-require-git",
+         "--ignore-dot", "--no-ignore-dot", "--ignore-files", "--no-ignore-files", "--json", "--no-json",
+         "--line-number", "--no-line-number", "--crlf", "--no-crlf", "--null-data",
+         "--max-columns-preview", "--no-max-columns-preview", "--messages", "--no-messages",
+         "--ignore-messages", "--no-ignore-messages", "--mmap", "--no-mmap", "--multiline",
+         "--no-multiline", "--multiline-dotall", "--no-multiline-dotall", "--only-matching", "--passthru",
+         "--passthrough", "--pcre2", "--no-pcre2", "--pcre2-unicode", "--no-pcre2-unicode", "--no-pre",
+         "--pretty", "--vimgrep", "--sort-files", "--no-sort-files", "--stats", "--no-stats", "--text",
+         "--no-text", "--binary", "--no-binary", "--trim", "--no-trim", "--type-list", "--word-regexp",
+         "--line-regexp", "--unicode", "--no-unicode", "--search-zip", "--no-search-zip", "--byte-offset",
+         "--no-byte-offset", "--no-context-separator", "--debug", "--trace", "--files", "--invert-match",
+         "--no-invert-match", "--no-config", "--null", "--quiet", "--unrestricted", "--stop-on-nonmatch"}
+    ),
+    long_valued=frozenset(
+        {"--after-context", "--before-context", "--context", "--encoding", "--engine", "--file",
+         "--generate", "--glob", "--iglob", "--max-depth", "--maxdepth", "--pre", "--pre-glob", "--regexp",
+         "--replace", "--sort", "--sortr", "--threads", "--type", "--type-add", "--type-clear",
+         "--type-not", "--color", "--colors", "--context-separator", "--field-context-separator",
+         "--field-match-separator", "--hostname-bin", "--hyperlink-format", "--dfa-size-limit",
+         "--ignore-file", "--max-columns", "--max-count", "--max-bytes", "--max-filesize",
+         "--path-separator", "--regex-size-limit"}
+    ),
+    short_valued="efABCmdDgtTjMEr",
+    abbreviations=False,
+)  # fmt: skip
+# tree parses its own arguments: long options whole, and a valued letter takes the next word while the
+# rest of its cluster goes on (`-Lo 2 out`: level 2, output to out), or the digits right after it.
+_TREE_SYNTAX = _Syntax(
+    long_flags=frozenset(
+        {"--help", "--version", "--inodes", "--device", "--noreport", "--nolinks", "--dirsfirst",
+         "--filesfirst", "--si", "--du", "--prune", "--ignore-case", "--matchdirs", "--fromtabfile",
+         "--fromfile", "--metafirst", "--gitignore", "--info", "--fflinks", "--hyperlink", "--opt-toggle",
+         "--condense", "--acl", "--selinux"}
+    ),
+    long_valued=frozenset(
+        {"--filelimit", "--charset", "--timefmt", "--sort", "--gitfile", "--infofile", "--hintro",
+         "--houtro", "--scheme", "--authority", "--compress"}
+    ),
+    short_next="oLPIHT",
+    abbreviations=False,
+)  # fmt: skip
+_JQ_SYNTAX = _Syntax(
+    long_flags=frozenset(
+        {"--seq", "--stream", "--stream-errors", "--slurp", "--raw-input", "--null-input",
+         "--compact-output", "--tab", "--color-output", "--monochrome-output", "--ascii-output",
+         "--unbuffered", "--sort-keys", "--raw-output", "--raw-output0", "--join-output", "--nul-output",
+         "--exit-status", "--binary", "--args", "--jsonargs", "--from-file", "--debug-dump-disasm",
+         "--debug-trace", "--help", "--version", "--build-configuration"}
+    ),
+    long_valued=frozenset({"--indent", "--library-path"}),
+    long_paired=frozenset({"--arg", "--argjson", "--slurpfile", "--rawfile", "--argfile"}),
+    short_valued="L",
+    abbreviations=False,
+)  # fmt: skip
+
+
 # --- sed and awk programs --------------------------------------------------------------------------
 
 
@@ -533,9 +740,9 @@ def _sed_script_problem(script: str) -> str | None:
     i = 0
 
     def skip_delimited(i: int, parts: int) -> int:
-        delimiter = script[i]
-        if delimiter in "\n\\":
+        if i >= n or script[i] in "\n\\":  # `s` or `y` at the end, or a delimiter sed refuses
             raise ValueError
+        delimiter = script[i]
         i += 1
         for _ in range(parts):
             while i < n and script[i] != delimiter:
@@ -662,6 +869,9 @@ _ARITHMETIC_OK = frozenset(
     {"number", "binary_expression", "unary_expression", "ternary_expression", "parenthesized_expression"}
 )
 _ARITHMETIC_TESTS = frozenset({"-eq", "-ne", "-lt", "-le", "-gt", "-ge"})
+# tree-sitter-bash 0.25 crashes the process (SIGSEGV) on `{` before some code points past U+2FFFF
+# (U+34000, U+E0100, U+F0100, ...), and a lone surrogate cannot be encoded: both are denied before parsing.
+_UNPARSABLE = re.compile("[\ud800-\udfff\U00030000-\U0010ffff]")
 _WRITE_REDIRECTS = frozenset({">", ">>", "&>", "&>>", ">|", ">&"})
 _READ_REDIRECTS = frozenset({"<", "<&"})
 
@@ -684,6 +894,8 @@ class _BashCheck:
             raise _Denied("a backslash-newline inside a word: bash joins the word, the policy cannot")
         if re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text):
             raise _Denied("control characters in the command")
+        if _UNPARSABLE.search(text):
+            raise _Denied("characters beyond U+2FFFF or lone surrogates in the command")
         root = self.policy.parser().parse(text.encode()).root_node
         if _has_syntax_error(root):
             raise _Denied(f"could not parse {_short(text)!r}: only complete, valid bash is allowed")
@@ -830,7 +1042,10 @@ class _BashCheck:
             raise _Denied(f"variable name {_short(name)!r} is not a plain identifier")
         upper = name.upper()
         if upper in _DENIED_ASSIGNMENTS or upper.startswith(_DENIED_ASSIGNMENT_PREFIXES):
-            raise _Denied(f"setting {name} is not allowed (it changes which programs or code run)")
+            raise _Denied(
+                f"setting {name} is not allowed (it changes which programs or code run, or how they read "
+                "their arguments)"
+            )
 
     def _declaration(self, node: Node) -> None:
         keyword = node.children[0].type
@@ -964,6 +1179,9 @@ class _BashCheck:
             raise _Denied(
                 f"{via.wrapper} {name}: arguments the policy cannot see could change what {name} does"
             )
+        for word in argv[1:]:
+            if word.glob:
+                self._glob_matches(word, name)
         if name in _SHELLS:
             self._shell(argv, via)
             return
@@ -973,6 +1191,7 @@ class _BashCheck:
         elif name in _NO_PATH_COMMANDS:
             self._no_path(argv)
         elif name in _READ_COMMANDS:
+            self._option_files(argv)
             self.paths_in(argv[1:], via, write=False, name=name)
         elif name in _WRITE_COMMANDS:
             self._write_command(argv, via)
@@ -983,6 +1202,35 @@ class _BashCheck:
             raise _Denied(
                 f"{name}: not on the command allowlist (an operator can add it with AGENT_ALLOWED_COMMANDS)"
             )
+
+    def _glob_matches(self, word: _Word, command: str) -> None:
+        """The names an unquoted pattern expands to must stay in the worktree and cannot read as options."""
+        for base in self.bases:
+            for match in _glob_expansions(word, base, command):
+                if match.startswith("-"):
+                    raise _Denied(
+                        f"{command} {word.shown}: the pattern matches {_short(match)}, an option to {command}"
+                    )
+                problem = self.paths.problem(base, match, write=False)
+                if problem:
+                    raise _Denied(f"{command} {word.shown}: {problem}")
+
+    def _option_files(self, argv: Sequence[_Word]) -> None:
+        """Read paths given as option values (`date -f/etc/passwd` prints each line in an error)."""
+        name = argv[0].text or ""
+        letters, long_names = _READ_FILE_OPTIONS.get(name, ("", ()))
+        for word in argv[1:]:
+            text = word.text or ""
+            if text == "--":
+                return
+            written, eq, value = text.partition("=")
+            if text.startswith("--") and eq and any(o.startswith(written) for o in long_names):
+                self.read_path(_Word.literal(value), f"{name} {written}")  # abbreviations included
+            elif text.startswith("-") and not text.startswith("--"):
+                rest = text[1:]
+                for index, letter in enumerate(rest):
+                    if letter in letters and rest[index + 1 :]:
+                        self.read_path(_Word.literal(rest[index + 1 :]), f"{name} -{letter}")
 
     def _takes_unseen_arguments(self, name: str, via: _Via) -> bool:
         """Whether `name` stays safe when xargs or find -exec fills in arguments the policy cannot see.
@@ -1030,6 +1278,8 @@ class _BashCheck:
             raise _Denied(f"{name} -v is not allowed (it assigns or evaluates array subscripts)")
         if name == "read":
             self._read_builtin(argv)
+        elif name == "set":
+            _set_builtin(argv)
         elif name in ("test", "["):
             _test_operands(argv[1:-1] if name == "[" and argv[-1].text == "]" else argv[1:])
         elif name == "printf" and len(argv) > 1:
@@ -1043,6 +1293,7 @@ class _BashCheck:
             text = _literal_argument(argv[i], "read")
             if text.startswith("-") and len(text) > 1:
                 if text[-1] in "dptnNui" and len(text) == 2:
+                    _whole(argv[i + 1] if i + 1 < len(argv) else None, "read")
                     i += 1
             elif not _IDENTIFIER.fullmatch(text):
                 raise _Denied(f"read {_short(text)}: only plain variable names are allowed")
@@ -1125,8 +1376,7 @@ class _BashCheck:
         for base in self.bases:
             candidates = [text]
             if word.glob:  # what the shell would expand it to, each match checked (a symlink among them)
-                matches = glob.iglob(text, root_dir=None if os.path.isabs(text) else base)
-                candidates += itertools.islice(matches, MAX_GLOB_MATCHES)
+                candidates += _glob_expansions(word, base, what)
             for candidate in candidates:
                 problem = self.paths.problem(base, candidate, write=write, delete_tree=delete_tree)
                 if problem:
@@ -1202,6 +1452,8 @@ class _BashCheck:
                 i += 1
                 break
             if text in ("-o", "+o"):
+                if i + 1 < len(argv):
+                    _check_shell_option(_literal_argument(argv[i + 1], name), name)
                 i += 2
                 continue
             if text.startswith("--"):
@@ -1233,25 +1485,12 @@ class _BashCheck:
         self.paths_in(argv[i + 1 :], via, write=False, name=name, only_pathlike=True)
 
     def _env(self, argv: Sequence[_Word], via: _Via) -> None:
-        i = 1
-        while i < len(argv):
-            text = _literal_argument(argv[i], "env")
-            if text in ("-i", "-", "--ignore-environment", "-0", "--null", "-v", "--debug"):
-                i += 1
-            elif text == "-u":
-                i += 2
-            elif text.startswith(("--unset=", "-u")):
-                i += 1
-            elif text == "--":
-                i += 1
-                break
-            elif text.startswith("-"):
-                raise _Denied(f"env {text}: option not allowed")
-            elif "=" in text:
-                self._check_variable_name(text.split("=", 1)[0])
-                i += 1
-            else:
-                break
+        i = _skip_options(argv, _ENV_FLAGS, {"-u", "--unset"})
+        if i < len(argv) and argv[i].text == "-":  # like -i
+            i += 1
+        while i < len(argv) and "=" in (assignment := _literal_argument(argv[i], "env")):
+            self._check_variable_name(assignment.split("=", 1)[0])
+            i += 1
         self.argv(argv[i:], via.through("env"))
 
     def _timeout(self, argv: Sequence[_Word], via: _Via) -> None:
@@ -1308,7 +1547,7 @@ class _BashCheck:
             return None
 
         i = _skip_options(
-            argv, _XARGS_FLAGS, _XARGS_VALUED, optional=("-e", "-l"), hook=replace_string_and_arg_file
+            argv, _XARGS_FLAGS, _XARGS_VALUED, optional=_XARGS_OPTIONAL, hook=replace_string_and_arg_file
         )
         inner = list(argv[i:]) or [_Word.literal("echo")]
         if replace:
@@ -1336,6 +1575,14 @@ class _BashCheck:
         start_texts = tuple(w.text or "." for w in starts)
         while i < len(argv):
             text = argv[i].text
+            previous = argv[i - 1].text or ""
+            if text is None and (
+                argv[i].split or not (previous in _FIND_VALUED_TESTS or previous.startswith("-newer"))
+            ):
+                raise _Denied(
+                    f"find {argv[i].shown}: an expansion where find reads its expression could be an action "
+                    "such as -exec or -delete"
+                )
             if text == "-follow":
                 raise _Denied("find -follow follows symlinks out of the worktree; not allowed")
             if text in ("-execdir", "-okdir"):
@@ -1350,15 +1597,19 @@ class _BashCheck:
                     end += 1
                 if end >= len(argv):
                     raise _Denied(f"find {text} without a terminating ';' or '+'")
+                for word in argv[i + 1 : end]:  # a split word could end the command early with a ';'
+                    _whole(word, f"find {text}")
                 self._find_exec(argv[i + 1 : end], start_texts, via)
                 i = end + 1
                 continue
+            if text == "-files0-from":
+                raise _Denied("find -files0-from reads its start paths from a file the policy cannot check")
             if text == "-delete":
                 for start in start_texts:
                     self._path(_Word.literal(start), "find -delete", write=True, delete_tree=True)
             if text in ("-fprint", "-fprint0", "-fls", "-fprintf") and i + 1 < len(argv):
                 self.write_path(argv[i + 1], f"find {text}")
-                i += 1
+                i += 2 if text == "-fprintf" else 1  # and -fprintf's format
             i += 1
 
     def _find_exec(self, inner: Sequence[_Word], starts: tuple[str, ...], via: _Via) -> None:
@@ -1374,19 +1625,15 @@ class _BashCheck:
     def _grep(self, argv: Sequence[_Word], via: _Via) -> None:
         name = argv[0].text or "grep"
         ripgrep = name == "rg"
-        options, operands = _parse_options(
-            argv[1:],
-            valued_long=_GREP_VALUED_LONG,
-            valued_short="efABCmdDgtTjMEr" if ripgrep else "efABCmdD",
-        )
+        options, operands = _parse_options(name, argv[1:], _RG_SYNTAX if ripgrep else _GREP_SYNTAX)
         pattern_given = False
         for option in options:
             if ripgrep and option.name in ("--pre", "--pre-glob", "--hostname-bin"):
                 raise _Denied(f"rg {option.name} runs a command; not allowed")
-            if option.name in ("-e", "-f", "--regexp", "--file"):
+            if option.name in ("-e", "-f", "--regexp", "--file", "--files"):  # rg --files: no pattern
                 pattern_given = True
-                if option.name in ("-f", "--file"):
-                    self.read_path(option.path, f"{name} {option.name}")
+            if option.name in ("-f", "--file", "--exclude-from", "--ignore-file"):
+                self.read_path(option.path, f"{name} {option.name}")
             elif option.name.startswith("--") and option.attached and _pathlike(option.attached):
                 self.read_path(option.path, name)
         if not pattern_given and operands:
@@ -1394,9 +1641,7 @@ class _BashCheck:
         self._operand_paths(operands, via, write=False, name=name)
 
     def _sed(self, argv: Sequence[_Word], via: _Via) -> None:
-        options, operands = _parse_options(
-            argv[1:], valued_long={"--expression", "--line-length"}, valued_short="efl", optional_short="i"
-        )
+        options, operands = _parse_options("sed", argv[1:], _SED_SYNTAX)
         scripts: list[_Word] = []
         in_place = False
         for option in options:
@@ -1430,56 +1675,45 @@ class _BashCheck:
         self._operand_paths(files, via, write=False, name="awk")
 
     def _jq(self, argv: Sequence[_Word], via: _Via) -> None:
-        positional: list[_Word] = []
-        i = 1
-        while i < len(argv):
-            text = argv[i].text
-            if text in ("--args", "--jsonargs"):
-                break
-            if text is not None and (text in ("-f", "--from-file") or text.startswith("-L")):
-                raise _Denied(f"jq {text}: filters from files and module paths are not inspected")
-            if text in ("--arg", "--argjson", "--slurpfile", "--rawfile"):
-                if text in ("--slurpfile", "--rawfile") and i + 2 < len(argv):
-                    self.read_path(argv[i + 2], f"jq {text}")
-                i += 3
-                continue
-            if text == "--indent":
-                i += 2
-                continue
-            if text is None or not text.startswith("-") or text == "-":
-                positional.append(argv[i])
-            i += 1
-        if positional:
-            program = positional.pop(0)
+        options, operands = _parse_options("jq", argv[1:], _JQ_SYNTAX)
+        for option in options:
+            if option.name in ("-f", "--from-file", "-L", "--library-path"):
+                raise _Denied(f"jq {option.name}: filters from files and module paths are not inspected")
+            if option.name in ("--slurpfile", "--rawfile", "--argfile"):
+                self.read_path(option.path, f"jq {option.name}")
+        if operands:  # the filter; the rest are input files (or, after --args, strings checked as files)
+            program = operands.pop(0)
             if program.text is None or program.placeholder:
                 raise _Denied(f"jq filter {program.shown} is not a literal")
             if re.search(r"\b(import|include)\b", program.text):
                 raise _Denied("jq import/include loads files the policy cannot see")
-        self._operand_paths(positional, via, write=False, name="jq")
+        self._operand_paths(operands, via, write=False, name="jq")
 
     def _sort(self, argv: Sequence[_Word], via: _Via) -> None:
-        options, operands = _parse_options(argv[1:], valued_long=_SORT_VALUED_LONG, valued_short="koTtS")
+        options, operands = _parse_options("sort", argv[1:], _SORT_SYNTAX)
         for option in options:
             if option.name == "--compress-program":
                 raise _Denied("sort --compress-program runs a command; not allowed")
+            if option.name == "--files0-from":
+                raise _Denied("sort --files0-from reads the files to sort from a list; name them instead")
             if option.name in ("-o", "-T", "--output", "--temporary-directory"):
                 self.write_path(option.path, f"sort {option.name}")
+            elif option.name == "--random-source":
+                self.read_path(option.path, "sort --random-source")
         self._operand_paths(operands, via, write=False, name="sort")
 
     def _uniq(self, argv: Sequence[_Word], via: _Via) -> None:
         self.paths_in(argv[1:], via, write=True, name=argv[0].text or "uniq")
 
     def _tree(self, argv: Sequence[_Word], via: _Via) -> None:
-        # `--` does not end the options here: this check has always read it as an option of no meaning.
-        options, operands = _parse_options(
-            argv[1:],
-            valued_long={"--charset", "--filelimit", "--sort", "--timefmt"},
-            valued_short="oLPIHT",
-            double_dash=False,
-        )
+        options, operands = _parse_options("tree", argv[1:], _TREE_SYNTAX)
         for option in options:
+            if option.name == "-R":
+                raise _Denied("tree -R writes a 00Tree.html into every directory past the -L level")
             if option.name == "-o":
                 self.write_path(option.path, "tree -o")
+            elif option.name in ("--gitfile", "--infofile", "--hintro", "--houtro"):
+                self.read_path(option.path, f"tree {option.name}")
         self._operand_paths(operands, via, write=False, name="tree")
 
     def _git(self, argv: Sequence[_Word], via: _Via) -> None:
@@ -1516,15 +1750,22 @@ class _BashCheck:
             )
         rest = list(argv[i + 1 :])
         texts = [w.text or "" for w in rest]
+        options_end = texts.index("--") if "--" in texts else len(rest)
+        expansion = next((w for w in rest[:options_end] if _may_be_option(w)), None)
+        if expansion is not None:
+            raise _Denied(
+                f"git {sub} {expansion.shown}: an expansion here could be an option; write it out, or "
+                "put paths after --"
+            )
         if sub == "branch":
             self._git_branch(texts)
         if sub == "stash" and (not texts or texts[0] not in ("list", "show")):
             raise _Denied("git stash: only git stash list and git stash show are allowed")
-        if sub == "grep" and any(t.startswith(("-O", "--open-files-in-pager")) for t in texts):
+        if sub == "grep" and any(_opens_pager(t) for t in texts):
             raise _Denied("git grep -O runs a pager command; not allowed")
         checked: list[_Word] = []
         index = 0
-        while index < len(rest):
+        while index < len(rest):  # diff options are never abbreviated: git keeps unknown ones for later
             text = texts[index]
             if text == "--output" and index + 1 < len(rest):
                 self.write_path(rest[index + 1], f"git {sub} --output")
@@ -1631,6 +1872,7 @@ class _BashCheck:
             if text in flags:
                 i += 1
             elif text in valued:
+                _whole(argv[i + 1] if i + 1 < len(argv) else None, name)
                 i += 2
             elif option in valued:
                 i += 1
@@ -1707,6 +1949,30 @@ _TEST_BINARY = frozenset(
 )
 
 
+def _set_builtin(argv: Sequence[_Word]) -> None:
+    """`set` may turn on only the flags and -o options that keep bash reading commands as written."""
+    i = 1
+    while i < len(argv):
+        text = _literal_argument(argv[i], "set")
+        i += 1
+        if text in ("-", "--") or text[:1] not in ("-", "+"):
+            return  # the rest are positional parameters
+        for letter in text[1:]:
+            if letter == "o":
+                if i < len(argv):  # `set -o` alone lists the options
+                    _check_shell_option(_literal_argument(argv[i], "set"), "set")
+                i += 1
+            elif letter not in _SET_FLAGS:
+                raise _Denied(
+                    f"set -{letter}: not allowed (it could change how bash reads the commands that follow)"
+                )
+
+
+def _check_shell_option(option: str, command: str) -> None:
+    if option not in _SHELL_OPTION_NAMES:
+        raise _Denied(f"{command} -o {option}: not allowed (it could change how bash reads commands)")
+
+
 def _test_operands(args: Sequence[_Word]) -> None:
     """Expansions in `test`/`[` must sit where bash reads an operand, never where it reads an operator."""
     if all(w.text is not None for w in args):
@@ -1752,6 +2018,31 @@ def _cd_target(argv: Sequence[_Word]) -> str:
     if target.tilde or target.glob or target.brace:
         raise _Denied(f"cd {target.shown}: the directory would be expanded by the shell")
     return target.text
+
+
+def _opens_pager(text: str) -> bool:
+    """Whether a `git grep` argument is -O/--open-files-in-pager, clustered or abbreviated as git allows."""
+    if text.startswith("--"):
+        written = text.partition("=")[0]
+        return written != "--" and "--open-files-in-pager".startswith(written)
+    for letter in text[1:] if text.startswith("-") else "":
+        if letter == "O":
+            return True
+        if letter in "efABCm":  # the rest of the cluster is this option's value
+            return False
+    return False
+
+
+def _glob_expansions(word: _Word, base: str, what: str) -> list[str]:
+    """What bash expands an unquoted pattern to in `base` (Python's glob reads [^a] as a set holding '^')."""
+    pattern = word.text or word.prefix
+    if re.search(r"\[([:=.]).*?\1\]", pattern):
+        raise _Denied(
+            f"{what}: the pattern {word.shown} has a bracket class ([[:alpha:]]) the policy cannot expand"
+        )
+    pattern = pattern.replace("[^", "[!")
+    matches = glob.iglob(pattern, root_dir=None if os.path.isabs(pattern) else base)
+    return list(itertools.islice(matches, MAX_GLOB_MATCHES))
 
 
 def _as_positional(word: _Word) -> _Word:
@@ -1875,6 +2166,9 @@ class AgentPolicy:
             return Decision(False, f"Bash command denied: {denied.reason}")
         except RecursionError:
             return Decision(False, "Bash command denied: nested too deeply to check")
+        except Exception as error:  # a bug in the policy fails closed: the command does not run
+            log.exception("bash policy check raised", error=type(error).__name__)
+            return Decision(False, f"Bash command denied: internal policy error: {_short(repr(error))}")
         return Decision(True, "allowed by the command policy")
 
     def _bases(self, cwd: Path | None) -> list[str]:
