@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -12,7 +16,7 @@ import pytest
 
 from app.demo.model_server import Script, ToolCall, Turn
 from app.demo.sample import IMPLEMENT_TRIGGER, demo_scripts
-from tests.pipeline import Stack, ticket_body
+from tests.pipeline import API_TOKEN, Service, Stack, ticket_body
 
 pytestmark = pytest.mark.e2e
 
@@ -113,6 +117,23 @@ def _session_of(service: object, run_id: str) -> str:
     return str(run["result"]["session_id"]) if run.get("result") else ""
 
 
+def cli_runner(service: Service) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`auto-code runs ...` against the running service, as an operator would type it."""
+
+    def run(*args: str, token: str = API_TOKEN) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": os.environ["PATH"], "API_TOKEN": token, "PYTHONPATH": service.env["PYTHONPATH"]}
+        return subprocess.run(
+            [sys.executable, "-m", "app", "runs", args[0], "--url", service.url, *args[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    return run
+
+
 def test_runs_api_shows_steps_while_running_and_after(tmp_path: Path) -> None:
     with Stack(tmp_path, slow_implementation(3), settings={"RUN_REVIEW": "false"}) as stack:
         service = stack.service()
@@ -131,6 +152,17 @@ def test_runs_api_shows_steps_while_running_and_after(tmp_path: Path) -> None:
         assert done["state"] == "pr_opened"
         assert all(step["ended_at"] and step["summary"] for step in done["steps"])
         assert done["cost_usd"] > 0 and done["turns"] > 0 and done["pr_url"]
+        cli = cli_runner(service)
+        listing = cli("list", "--ticket", "SHOP-1")
+        assert listing.returncode == 0 and run_id in listing.stdout and "pr_opened" in listing.stdout
+        shown = cli("show", run_id)
+        assert "prepare_workspace" in shown.stdout and done["pr_url"] in shown.stdout
+        as_json = json.loads(cli("show", run_id, "--json").stdout)
+        assert as_json["state"] == "pr_opened"
+        refused = cli("cancel", run_id)
+        assert refused.returncode == 1 and "409" in refused.stderr
+        wrong_token = cli("list", token="wrong-token-0123456789")
+        assert wrong_token.returncode == 1 and "401" in wrong_token.stderr
         finished = service.api("GET", "/runs", params={"state": "pr_opened"}).json()["runs"]
         assert [r["run_id"] for r in finished] == [run_id]
         assert service.api("GET", "/runs", params={"state": "failed"}).json()["runs"] == []
