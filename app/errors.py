@@ -7,7 +7,6 @@ AutoCodeError
 │   └── CommandTimeout   ... or ran past its timeout and was killed with its process group
 ├── WorkspaceError       git state the service cannot use or repair (path outside the workspace, ...)
 │   └── PushRejected     the remote refused the push (protection, rules, a lease that no longer holds)
-├── AgentError           an agent session could not run at all (CLI missing, crashed before a result)
 ├── GitHubError          gh could not find or create the pull request
 ├── RunNotFound          no run has that id (HTTP 404)
 └── RunConflict          the run is not in a state that allows the action (HTTP 409)
@@ -59,10 +58,6 @@ class WorkspaceError(AutoCodeError):
 
 class PushRejected(WorkspaceError):
     """The remote refused the push; the message says why."""
-
-
-class AgentError(AutoCodeError):
-    """An agent session could not run at all."""
 
 
 class GitHubError(AutoCodeError):

@@ -16,7 +16,7 @@ import pytest
 
 from app.demo.model_server import Script, ToolCall, Turn
 from app.demo.sample import IMPLEMENT_TRIGGER, demo_scripts
-from tests.pipeline import API_TOKEN, Service, Stack, ticket_body
+from tests.pipeline import API_TOKEN, Service, Stack, session_of, ticket_body
 
 pytestmark = pytest.mark.e2e
 
@@ -99,7 +99,9 @@ def test_cancel_during_implement_stops_the_agent_and_retry_succeeds_on_the_same_
         assert run["state"] == "cancelled"
         assert service.api("POST", f"/runs/{run_id}/cancel").status_code == 409
 
-        first_session = next(s for s in run["steps"] if s["name"] == "prepare_workspace")
+        # The session the cancelled run's agent was using, as the CLI named it to the model.
+        first_session = session_of(stack.model.message_requests[0])
+        assert first_session
         retried = service.api("POST", f"/runs/{run_id}/retry")
         assert retried.status_code == 202, retried.text
         retry_id = retried.json()["run_id"]
@@ -108,13 +110,9 @@ def test_cancel_during_implement_stops_the_agent_and_retry_succeeds_on_the_same_
         assert run["state"] == "pr_opened", run
         assert run["retry_of"] == run_id
         assert run["result"]["branch"] == "ticket/shop-1"
-        assert run["result"]["session_id"] == _session_of(service, run_id) or first_session
+        assert run["result"]["session_id"] == first_session
+        assert {session_of(request) for request in stack.model.message_requests} == {first_session}
         assert len(stack.github.pulls) == 1
-
-
-def _session_of(service: object, run_id: str) -> str:
-    run = service.get_run(run_id)  # type: ignore[attr-defined]
-    return str(run["result"]["session_id"]) if run.get("result") else ""
 
 
 def cli_runner(service: Service) -> Callable[..., subprocess.CompletedProcess[str]]:

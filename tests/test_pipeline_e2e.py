@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from app.demo.model_server import Script, ToolCall, Turn
-from app.demo.sample import IMPLEMENT_TRIGGER, demo_scripts
-from tests.pipeline import GITHUB_TOKEN, Stack, ticket_body
+from app.demo.sample import IMPLEMENT_TRIGGER, LINT_FIX_TRIGGER, TEST_FIX_TRIGGER, demo_scripts
+from tests.pipeline import GITHUB_TOKEN, Stack, session_of, ticket_body
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +37,10 @@ def test_webhook_to_pull_request(tmp_path: Path) -> None:
         fixes = [step for step in run["steps"] if step["name"] == "fix"]
         assert len(fixes) == 2
         assert [s["name"] for s in run["steps"]][:2] == ["prepare_workspace", "implement"]
-        assert session
+        for trigger in (LINT_FIX_TRIGGER, TEST_FIX_TRIGGER):
+            requests = stack.model_requests(trigger)
+            assert requests and {session_of(request) for request in requests} == {session}
+            assert IMPLEMENT_TRIGGER in " ".join(stack.model.conversation_texts(requests[0]))
 
 
 def test_the_agent_never_holds_the_anthropic_key(tmp_path: Path) -> None:

@@ -56,18 +56,6 @@ QUEUE_NAME = "tickets"
 # --- ports: what the pipeline needs of its collaborators ----------------------------------------
 
 
-class WorktreeLike(Protocol):
-    """A ticket's working copy as the pipeline uses it."""
-
-    @property
-    def path(self) -> Path: ...
-    @property
-    def branch(self) -> str: ...
-    @property
-    def base_branch(self) -> str: ...
-    def to_dict(self) -> dict[str, Any]: ...
-
-
 class FileLike(Protocol):
     """One changed (or skipped) file."""
 
