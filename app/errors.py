@@ -6,7 +6,8 @@ AutoCodeError
 ├── CommandError         a subprocess exited non-zero; carries the redacted argv and its output tail
 │   └── CommandTimeout   ... or ran past its timeout and was killed with its process group
 ├── WorkspaceError       git state the service cannot use or repair (path outside the workspace, ...)
-│   └── PushRejected     the remote refused the push (protection, rules, a lease that no longer holds)
+│   ├── PushRejected     the remote refused the push (protection, rules, a lease that no longer holds)
+│   └── SandboxTampered  sandboxed code rewrote what the host side trusts (the .git file, commondir)
 ├── GitHubError          gh could not find or create the pull request
 ├── RunNotFound          no run has that id (HTTP 404)
 └── RunConflict          the run is not in a state that allows the action (HTTP 409)
@@ -58,6 +59,10 @@ class WorkspaceError(AutoCodeError):
 
 class PushRejected(WorkspaceError):
     """The remote refused the push; the message says why."""
+
+
+class SandboxTampered(WorkspaceError):
+    """Code that ran in the sandbox changed git files the service trusts; the run is quarantined."""
 
 
 class GitHubError(AutoCodeError):

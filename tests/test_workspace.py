@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from app.errors import CommandError, PushRejected, WorkspaceError
+from app.errors import CommandError, PushRejected, SandboxTampered, WorkspaceError
 from app.models import Ticket
 from app.services.workspace import (
     Changes,
@@ -319,8 +319,10 @@ def test_changes_report_files_and_skip_ignored_and_oversized(tmp_path: Path, ori
     assert by_path["bin.dat"].binary
     assert (changes.insertions, changes.deletions) == (3, 3)
     skipped = {item.path: item.reason for item in changes.skipped}
-    assert set(skipped) == {"big.bin", "forced.log"}
-    assert "larger than max_file_bytes" in skipped["big.bin"] and "ignored" in skipped["forced.log"]
+    # The worktree's own index is the sandbox's to write: a force-add there does not make an ignored file
+    # committable, and the service does not read that index to report it.
+    assert set(skipped) == {"big.bin"}
+    assert "larger than max_file_bytes" in skipped["big.bin"]
     assert "+TWO" in changes.diff and "c.txt" in changes.diff
     for name in ("notes.log", "build/out.o", "big.bin", "forced.log"):
         assert name not in changes.diff
@@ -386,6 +388,79 @@ def test_the_repositorys_hooks_never_run(tmp_path: Path, ws: Workspace, where: s
     (plain / "a.txt").write_text("plain\n")
     git(plain, "commit", "--quiet", "-am", "plain commit")
     assert {"post-checkout", "pre-commit", "commit-msg"} <= {path.name for path in markers.iterdir()}
+
+
+# --- what sandboxed code can write: the worktree's .git file and its admin dir ------------------
+
+
+def evil_git_dir(tmp_path: Path, marker: Path) -> Path:
+    """A git dir whose config names a textconv, an external diff, a clean filter and an fsmonitor."""
+    evil = tmp_path / "evil"
+    git(tmp_path, "init", "--quiet", str(evil))
+    evil = evil / ".git"
+    command = f"touch {shlex.quote(str(marker))}; cat"
+    with (evil / "config").open("a") as config:
+        config.write(
+            f'[diff "evil"]\n\ttextconv = "{command} #"\n\tcommand = "{command} #"\n'
+            f'[filter "evil"]\n\tclean = "{command}"\n\tsmudge = "{command}"\n\trequired = true\n'
+            f'[core]\n\tfsmonitor = "{command} #"\n\tpager = "{command}"\n'
+            f'[diff]\n\texternal = "{command} #"\n'
+        )
+    return evil
+
+
+def admin_dir(wt: Worktree) -> Path:
+    return Path((wt.path / ".git").read_text().removeprefix("gitdir: ").strip())
+
+
+@pytest.mark.parametrize("tamper", ["commondir", "dot-git-file", "dot-git-dir", "config.worktree"])
+def test_git_files_rewritten_in_the_worktree_run_nothing_on_the_host(
+    tmp_path: Path, ws: Workspace, tamper: str
+) -> None:
+    marker = tmp_path / "ran-outside"
+    wt = run(ws.prepare("PROJ-1"))
+    evil = evil_git_dir(tmp_path, marker)
+    write_files(wt.path, {".gitattributes": "* diff=evil filter=evil\n", "a.txt": "changed\n"})
+    admin = admin_dir(wt)
+    if tamper == "commondir":
+        (admin / "commondir").write_text(f"{evil}\n")
+    elif tamper == "dot-git-file":
+        evil_admin = evil / "worktrees" / "x"
+        shutil.copytree(admin, evil_admin)
+        (evil_admin / "commondir").write_text("../..\n")
+        (wt.path / ".git").write_text(f"gitdir: {evil_admin}\n")
+    elif tamper == "dot-git-dir":
+        (wt.path / ".git").unlink()
+        shutil.copytree(evil, wt.path / ".git")
+    else:
+        shutil.copy(evil / "config", admin / "config.worktree")
+
+    for step in (ws.changes(wt), ws.commit(wt, ticket()), ws.push(wt), ws.prepare("PROJ-1")):
+        with pytest.raises(SandboxTampered, match="tampered"):
+            run(step)
+    assert not marker.exists()
+    assert git(ws.repo.clone, "rev-parse", f"refs/heads/{wt.branch}") == wt.start_commit
+    if tamper != "config.worktree":  # read only where the clone's config turns worktree configs on
+        # The tampering is live: plain git in the worktree follows it and runs the command.
+        git(wt.path, "status", check=False)
+        assert marker.exists()
+
+
+def test_drivers_named_in_the_worktree_but_not_configured_do_nothing(tmp_path: Path, ws: Workspace) -> None:
+    """Attributes may name a driver; only the clone's config, which the sandbox cannot write, defines one."""
+    wt = run(ws.prepare("PROJ-1"))
+    admin = admin_dir(wt)
+    write_files(wt.path, {".gitattributes": "* diff=evil filter=evil\n", "a.txt": "changed\n"})
+    # The sandbox's own view of HEAD and the index: detached and emptied; the service reads the branch.
+    (admin / "HEAD").write_text(f"{wt.start_commit}\n")
+    (admin / "index").write_bytes(b"not an index")
+    changes = run(ws.changes(wt))
+    assert {change.path for change in changes.files} == {".gitattributes", "a.txt"}
+    sha = run(ws.commit(wt, ticket()))
+    assert sha is not None
+    assert git(ws.repo.clone, "rev-parse", f"refs/heads/{wt.branch}") == sha
+    assert git(ws.repo.clone, "show", f"{sha}:a.txt") == "changed"
+    assert run(ws.push(wt)) == sha
 
 
 # --- push ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import filelock
 
-from app.errors import CommandError, PushRejected, WorkspaceError
+from app.errors import CommandError, PushRejected, SandboxTampered, WorkspaceError
 from app.logger import get_logger
 from app.models import Ticket, normalise_key
 from app.services import proc
@@ -45,6 +45,15 @@ GIT_CONFIG: Final = (
     "gc.auto=0",
     "maintenance.auto=false",
     "advice.detachedHead=false",
+    # The worktree is written by sandboxed code: nothing git reads there may choose a program or a cache.
+    "core.untrackedCache=false",
+    "core.splitIndex=false",
+    "core.pager=cat",
+    "diff.external=",
+    "diff.ignoreSubmodules=all",
+    "submodule.recurse=false",
+    "status.submoduleSummary=false",
+    "protocol.ext.allow=never",
 )
 # Variables of the service's environment that git may see: the CA bundle, proxies and an ssh agent.
 PASSTHROUGH_ENV = (
@@ -76,6 +85,7 @@ TEMP_MAX_AGE_SECONDS = 24 * 3600
 _REPO_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 _BRANCH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,199}")
 _SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+_ADMIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -311,6 +321,7 @@ class _TicketState:
     base_branch: str
     remote_head: str | None
     pushed: str | None = None
+    admin: str | None = None  # the worktree's admin dir under the clone's .git/worktrees, as git made it
 
     @classmethod
     def load(cls, path: Path) -> _TicketState | None:
@@ -322,8 +333,13 @@ class _TicketState:
                 base_branch=check_branch_name(data["base_branch"]),
                 remote_head=data.get("remote_head"),
                 pushed=data.get("pushed"),
+                admin=data.get("admin"),
             )
         except (OSError, ValueError, KeyError, TypeError, WorkspaceError):
+            return None
+        if state.admin is not None and not (
+            isinstance(state.admin, str) and _ADMIN_NAME.fullmatch(state.admin)
+        ):
             return None
         shas = (state.start_commit, state.remote_head, state.pushed)
         if not all(sha is None or (isinstance(sha, str) and _SHA.fullmatch(sha)) for sha in shas):
@@ -421,7 +437,10 @@ class Workspace:
     def _place_of(self, wt: Worktree) -> TicketPlace:
         """Like _place_of_record, and the worktree must exist."""
         place = self._place_of_record(wt)
-        if not (place.worktree / ".git").is_file():
+        marker = place.worktree / ".git"
+        if os.path.lexists(marker) and (marker.is_symlink() or not marker.is_file()):
+            raise SandboxTampered(f"the worktree of {place.key} was tampered with: .git is not a file")
+        if not marker.is_file():
             raise WorkspaceError(f"the worktree of {place.key} is missing: {place.worktree}")
         return place
 
@@ -451,6 +470,9 @@ class Workspace:
             await self._git(["worktree", "prune"])
             registered = await self._registered()
             mine = registered.get(place.worktree)
+            marker = place.worktree / ".git"
+            if mine is not None and os.path.lexists(marker) and (marker.is_symlink() or not marker.is_file()):
+                raise SandboxTampered(f"the worktree of {place.key} was tampered with: .git is not a file")
             if (
                 mine is not None
                 and mine.branch == f"refs/heads/{place.branch}"
@@ -465,7 +487,12 @@ class Workspace:
                 await self._git(
                     ["worktree", "add", "--no-track", "-B", place.branch, str(place.worktree), start]
                 )
-                state = _TicketState(start_commit=start, base_branch=base, remote_head=remote_head)
+                state = _TicketState(
+                    start_commit=start,
+                    base_branch=base,
+                    remote_head=remote_head,
+                    admin=self._new_admin(place).name,
+                )
                 reused = False
             state.save(place.state_file)
         log.info(
@@ -492,12 +519,20 @@ class Workspace:
     async def changes(self, wt: Worktree) -> Changes:
         """What committing now would record since the start commit: files, counts, diff, skipped."""
         place = self._place_of(wt)
-        diff = ["diff", "--cached", "--no-renames", "--no-ext-diff", "--no-textconv", "--no-color"]
-        cwd, start = place.worktree, wt.start_commit
+        diff = [
+            "diff",
+            "--cached",
+            "--no-renames",
+            "--no-ext-diff",
+            "--no-textconv",
+            "--no-color",
+            "--ignore-submodules=all",
+        ]
+        start = wt.start_commit
         async with self._staged(place) as (index_env, skipped):
-            names = await self._git([*diff, "--name-status", "-z", start], cwd, index_env)
-            counts = await self._git([*diff, "--numstat", "-z", start], cwd, index_env)
-            text = await self._git([*diff, start], cwd, index_env)
+            names = await self._wgit(place, [*diff, "--name-status", "-z", start], index_env)
+            counts = await self._wgit(place, [*diff, "--numstat", "-z", start], index_env)
+            text = await self._wgit(place, [*diff, start], index_env)
         return Changes(files=file_changes(names.stdout, counts.stdout), diff=text.stdout, skipped=skipped)
 
     async def commit(self, wt: Worktree, ticket: Ticket) -> str | None:
@@ -505,23 +540,21 @@ class Workspace:
         place = self._place_of(wt)
         if check_key(ticket.key) != place.key:
             raise WorkspaceError(f"ticket {ticket.key} does not own the worktree of {place.key}")
-        head = await self._rev("HEAD", place.worktree)
-        if head is None:
-            raise WorkspaceError(f"the worktree of {place.key} has no HEAD commit")
+        head = await self._head(place)
         async with self._staged(place) as (index_env, skipped):
-            same = await self._git(
-                ["diff-index", "--cached", "--quiet", "HEAD", "--"], place.worktree, index_env, check=False
+            same = await self._wgit(
+                place, ["diff-index", "--cached", "--quiet", head, "--"], index_env, check=False
             )
             if same.returncode not in (0, 1):
                 raise CommandError(same.argv, same.returncode, same.output)
             if same.returncode == 0:
                 # A re-run after a crash: what this run committed before is the answer.
-                if head != wt.start_commit and await self._is_ancestor(wt.start_commit, head, place.worktree):
+                if head != wt.start_commit and await self._is_ancestor(wt.start_commit, head):
                     log.info("commit already made", ticket=place.key, commit=head)
                     return head
                 log.info("nothing to commit", ticket=place.key, skipped=[s.path for s in skipped])
                 return None
-            tree = (await self._git(["write-tree"], place.worktree, index_env)).stdout.strip()
+            tree = (await self._git(["write-tree"], None, index_env)).stdout.strip()
             identity = {
                 "GIT_AUTHOR_NAME": self._config.author_name,
                 "GIT_AUTHOR_EMAIL": self._config.author_email,
@@ -530,7 +563,7 @@ class Workspace:
             }
             made = await self._git(
                 ["commit-tree", "--no-gpg-sign", tree, "-p", head, "-F", "-"],
-                place.worktree,
+                None,
                 identity,
                 input=commit_message(ticket).encode(),
             )
@@ -545,10 +578,9 @@ class Workspace:
                     sha,
                     head,
                 ],
-                place.worktree,
             )
-        # The worktree's own index follows the new HEAD; files on disk stay as they are.
-        await self._git(["reset", "--quiet"], place.worktree)
+        # The worktree's own index follows the new commit; files on disk stay as they are.
+        await self._wgit(place, ["read-tree", sha])
         self._touch(place.state_file)
         log.info("changes committed", ticket=place.key, commit=sha, skipped=[s.path for s in skipped])
         return sha
@@ -561,9 +593,8 @@ class Workspace:
         """
         place = self._place_of(wt)
         self._ensure_service_dirs()
-        head = await self._rev("HEAD", place.worktree)
-        if head is None:
-            raise WorkspaceError(f"the worktree of {place.key} has no HEAD commit")
+        self._admin(place)  # the branch is read from the clone; a tampered worktree is still refused
+        head = await self._head(place)
         state = _TicketState.load(place.state_file) or _TicketState(
             start_commit=wt.start_commit, base_branch=wt.base_branch, remote_head=wt.remote_head
         )
@@ -577,7 +608,7 @@ class Workspace:
         # (no clone lock needed while the network is slow).
         argv = ["push", "--porcelain", "--no-verify", f"--force-with-lease={ref}:{expected or ''}"]
         try:
-            await self._git([*argv, "--", self._origin, f"{head}:{ref}"], place.worktree, network=True)
+            await self._git([*argv, "--", self._origin, f"{head}:{ref}"], network=True)
         except CommandError as exc:
             reason = push_rejection(exc.output)
             if reason is None:
@@ -705,14 +736,14 @@ class Workspace:
     ) -> _TicketState:
         """The record of a worktree being reused; rebuilt from git when it was lost."""
         state = _TicketState.load(place.state_file)
-        head = await self._rev("HEAD", place.worktree)
-        if head is None:
-            raise WorkspaceError(f"the worktree of {place.key} has no HEAD commit")
+        admin = self._admin(place, state.admin if state else None).name
+        head = await self._head(place)
         if (
             state is not None
             and await self._rev(state.start_commit) is not None
-            and await self._is_ancestor(state.start_commit, head, place.worktree)
+            and await self._is_ancestor(state.start_commit, head)
         ):
+            state.admin = admin
             return state
         # Only a remote sha our branch contains may be the lease: pushing over it loses nothing.
         contained = remote_head if remote_head and await self._is_ancestor(remote_head, head) else None
@@ -721,7 +752,7 @@ class Workspace:
             merge_base = await self._git(["merge-base", head, base_commit], check=False)
             start = merge_base.stdout.strip() if merge_base.returncode == 0 else head
         log.warning("worktree record rebuilt", ticket=place.key, start=start)
-        return _TicketState(start_commit=start, base_branch=base, remote_head=contained)
+        return _TicketState(start_commit=start, base_branch=base, remote_head=contained, admin=admin)
 
     async def _clear_way(self, place: TicketPlace, registered: Mapping[Path, _Registered]) -> None:
         """Repair what stands where the ticket's worktree goes: wrong branch, leftovers, other holders."""
@@ -810,27 +841,35 @@ class Workspace:
         index_env = {"GIT_INDEX_FILE": str(index)}
         cwd = place.worktree
         try:
-            await self._git(["read-tree", "HEAD"], cwd, index_env)
-            status = await self._git(
-                ["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames"],
-                cwd,
-                {"GIT_OPTIONAL_LOCKS": "0"},
+            # Seeded from the branch in the clone: the worktree's own index and HEAD are the sandbox's.
+            await self._git(["read-tree", f"refs/heads/{place.branch}"], None, index_env)
+            status = await self._wgit(
+                place,
+                [
+                    "status",
+                    "--porcelain=v1",
+                    "-z",
+                    "--untracked-files=all",
+                    "--no-renames",
+                    "--ignore-submodules=all",
+                ],
+                {**index_env, "GIT_OPTIONAL_LOCKS": "0"},
             )
             present, missing, skipped = self._sort_paths(cwd, status_paths(status.stdout))
             if present:
-                ignored = await self._ignored(cwd, present, index_env)
+                ignored = await self._ignored(place, present, index_env)
                 skipped += [SkippedFile(path, "ignored by .gitignore") for path in present if path in ignored]
                 present = [path for path in present if path not in ignored]
             literal = ["--literal-pathspecs"]
             from_stdin = ["--pathspec-from-file=-", "--pathspec-file-nul"]
             if present:
-                await self._git(
-                    [*literal, "add", "--all", *from_stdin], cwd, index_env, input=_nul_joined(present)
+                await self._wgit(
+                    place, [*literal, "add", "--all", *from_stdin], index_env, input=_nul_joined(present)
                 )
             if missing:
-                await self._git(
+                await self._wgit(
+                    place,
                     [*literal, "rm", "--cached", "--quiet", "--ignore-unmatch", *from_stdin],
-                    cwd,
                     index_env,
                     input=_nul_joined(missing),
                 )
@@ -869,14 +908,115 @@ class Workspace:
                 present.append(path)
         return present, missing, skipped
 
-    async def _ignored(self, cwd: Path, paths: Sequence[str], index_env: Mapping[str, str]) -> set[str]:
+    async def _ignored(
+        self, place: TicketPlace, paths: Sequence[str], index_env: Mapping[str, str]
+    ) -> set[str]:
         """The paths .gitignore excludes (a file HEAD tracks is never ignored)."""
-        checked = await self._git(
-            ["check-ignore", "-z", "--stdin"], cwd, index_env, check=False, input=_nul_joined(paths)
+        checked = await self._wgit(
+            place, ["check-ignore", "-z", "--stdin"], index_env, check=False, input=_nul_joined(paths)
         )
         if checked.returncode not in (0, 1):
             raise CommandError(checked.argv, checked.returncode, checked.output)
         return {path for path in checked.stdout.split("\0") if path}
+
+    # --- the worktree's git files, which sandboxed code can write ------------------------------
+
+    def _new_admin(self, place: TicketPlace) -> Path:
+        """The admin dir git just made for a new worktree (read once, before any sandbox ran)."""
+        admin = self._pointed_admin(place)
+        if admin is None:
+            raise WorkspaceError(f"git made no usable admin dir for the worktree of {place.key}")
+        return self._admin(place, admin.name)
+
+    def _pointed_admin(self, place: TicketPlace) -> Path | None:
+        """The admin dir the worktree's .git file names, when it is a direct child of worktrees/."""
+        marker = place.worktree / ".git"
+        try:
+            if not stat.S_ISREG(marker.lstat().st_mode):
+                return None
+            text = marker.read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if not text.startswith("gitdir: "):
+            return None
+        admin = Path(text.removeprefix("gitdir: ").rstrip("\n"))
+        admins = self._admins()
+        if admin.parent != admins or not _ADMIN_NAME.fullmatch(admin.name):
+            return None
+        return admin
+
+    def _admins(self) -> Path:
+        """Where git keeps the worktrees' admin dirs (the clone's .git is read-only to the sandbox)."""
+        return (self.repo.clone / ".git" / "worktrees").resolve()
+
+    def _admin(self, place: TicketPlace, name: str | None = None) -> Path:
+        """The worktree's admin dir, after checking every file there that could redirect git.
+
+        `name` comes from the service's record; without one (a record from before it was kept) the
+        .git file names it, checked the same way. Sandboxed code that rewrote the .git file, pointed
+        `commondir` elsewhere or added a per-worktree config is refused with SandboxTampered.
+        """
+        if name is None:
+            state = _TicketState.load(place.state_file)
+            name = state.admin if state else None
+        admins = self._admins()
+        pointed = self._pointed_admin(place)
+        if name is None:
+            if pointed is None:
+                raise SandboxTampered(f"the .git file of {place.key}'s worktree was rewritten")
+            name = pointed.name
+        admin = admins / name
+        problems = []
+        if pointed != admin:
+            problems.append("the .git file names another git dir")
+        try:
+            if not stat.S_ISDIR(admin.lstat().st_mode):
+                problems.append("the admin dir is not a directory")
+        except OSError:
+            problems.append("the admin dir is missing")
+        commondir = admin / "commondir"
+        try:
+            common = commondir.read_text().strip()
+        except FileNotFoundError:
+            common = ".."
+        except (OSError, UnicodeDecodeError):
+            common = ""
+        if commondir.is_symlink() or (admin / common).resolve() != (self.repo.clone / ".git").resolve():
+            problems.append("commondir points away from the clone")
+        for extra in ("config.worktree", "config"):
+            if os.path.lexists(admin / extra):
+                problems.append(f"a per-worktree {extra} was added")
+        if problems:
+            log.error("sandbox tampered with git files", ticket=place.key, problems=problems)
+            raise SandboxTampered(f"the worktree of {place.key} was tampered with: {'; '.join(problems)}")
+        return admin
+
+    async def _head(self, place: TicketPlace) -> str:
+        """The ticket branch's commit, read from the clone (the worktree's HEAD is the sandbox's)."""
+        head = await self._rev(f"refs/heads/{place.branch}")
+        if head is None:
+            raise WorkspaceError(f"the branch {place.branch} of {place.key} has no commit")
+        return head
+
+    async def _wgit(
+        self,
+        place: TicketPlace,
+        args: Sequence[str],
+        extra_env: Mapping[str, str] | None = None,
+        *,
+        check: bool = True,
+        input: bytes | None = None,
+    ) -> proc.Completed:
+        """git on a ticket's worktree, its git dirs named from the service's record, never discovered."""
+        admin = self._admin(place)
+        env = {
+            "GIT_DIR": str(admin),
+            "GIT_COMMON_DIR": str(self.repo.clone / ".git"),
+            "GIT_WORK_TREE": str(place.worktree),
+            "GIT_PAGER": "cat",
+            **(extra_env or {}),
+        }
+        return await self._git(args, place.worktree, env, check=check, input=input)
 
     # --- running git ----------------------------------------------------------------------------
 
