@@ -15,6 +15,7 @@ import uvicorn
 
 from app.config import Settings, load_settings
 from app.errors import ConfigError
+from app.isolation.fence import network_line
 from app.logger import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -98,6 +99,19 @@ def format_run(run: dict[str, Any]) -> str:
         lines.append(f"pr       {run['pr_url']}")
     if run.get("retry_of"):
         lines.append(f"retry of {run['retry_of']}")
+    result = run.get("result") or {}
+    network = network_line(result.get("network") or [], result.get("fenced"))
+    if network:
+        lines.append(f"network  {network.removeprefix('Network: ')}")
+    for record in result.get("network") or []:
+        verdict = "allowed" if record.get("allowed") else "DENIED "
+        lines.append(
+            f"  {verdict} {record.get('phase', ''):<7} {record.get('method', ''):<7} "
+            f"{record.get('host')}:{record.get('port')}  {record.get('rule', '')}  "
+            f"up {record.get('bytes_up', 0)} B, down {record.get('bytes_down', 0)} B"
+        )
+    for line in result.get("evidence") or []:
+        lines.append(f"decoy    {line}")
     lines.append("steps:")
     for step in run.get("steps", []):
         seconds = f"{step['seconds']:.1f}s" if step.get("seconds") is not None else "..."

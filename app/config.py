@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +41,9 @@ Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 StrList = Annotated[list[str], NoDecode, BeforeValidator(split_list)]
 
 MIN_SECRET_LENGTH = 16
+# What a build's setup usually installs from: PyPI and npm (EGRESS_ALLOW_SETUP replaces the list).
+DEFAULT_SETUP_HOSTS = ("pypi.org", "files.pythonhosted.org", "registry.npmjs.org", "registry.yarnpkg.com")
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 
 
 class Settings(BaseSettings):
@@ -89,12 +93,22 @@ class Settings(BaseSettings):
     allow_ci_config_writes: bool = False
     sandbox: Literal["auto", "bwrap", "off"] = "auto"
 
+    # --- the fence: what sandboxed processes may reach through the egress proxy -----------------
+    # Exact host names (no wildcards, no suffix match); a phase's list is all it may reach.
+    egress_allow_agent: StrList = Field(default_factory=list)
+    egress_allow_setup: StrList = Field(default_factory=lambda: list(DEFAULT_SETUP_HOSTS))
+    egress_allow_checks: StrList = Field(default_factory=list)
+    egress_allow_ports: StrList = Field(default_factory=lambda: ["80", "443"])
+    # Networks a listed name may resolve into although they are not public (an internal mirror).
+    egress_trusted_nets: StrList = Field(default_factory=list)
+
     # --- pipeline ------------------------------------------------------------------------------
     dry_run: bool = False
     run_review: bool = True
     run_lint: bool = True
     run_tests: bool = True
     max_fix_rounds: int = Field(2, ge=0)
+    setup_command: str | None = None
     lint_command: str | None = None
     test_command: str | None = None
     check_timeout: Duration = timedelta(minutes=15)
@@ -131,6 +145,38 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("expected an http(s) URL")
+        return value
+
+    @field_validator("egress_allow_agent", "egress_allow_setup", "egress_allow_checks")
+    @classmethod
+    def _exact_hosts(cls, value: list[str]) -> list[str]:
+        hosts = []
+        for item in value:
+            host = item.strip().lower().rstrip(".")
+            if not _HOST_NAME.fullmatch(host):
+                raise ValueError(
+                    f"{item!r} is not a host name: list exact names such as pypi.org "
+                    "(no scheme, port, path or wildcard)"
+                )
+            hosts.append(host)
+        return hosts
+
+    @field_validator("egress_allow_ports")
+    @classmethod
+    def _ports(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item.isdigit() or not 1 <= int(item) <= 65535:
+                raise ValueError(f"{item!r} is not a port number (1-65535)")
+        return value
+
+    @field_validator("egress_trusted_nets")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not a network such as 10.20.0.0/16") from exc
         return value
 
     @field_validator("rate_limit")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,13 @@ from app.api.dependencies import TicketRunner
 from app.api.security import client_ip
 from app.config import Settings
 from app.errors import RunConflict, RunNotFound
+from app.isolation import sandbox
+from app.isolation.egress import EgressPolicy
+from app.isolation.fence import AGENT, CHECKS, SETUP, Fence, FenceConfig, load_key
 from app.logger import get_logger, register_secrets
 from app.models import PipelineOptions, Ticket
 from app.routes import health, jira, runs
-from app.services import github, sandbox
+from app.services import github
 from app.services.checks import Checks, ChecksConfig
 from app.services.claude_code import AgentConfig, ClaudeCode
 from app.services.jira import JiraReporter, LogReporter
@@ -98,6 +103,7 @@ def pipeline_options(settings: Settings, open_pr: bool) -> PipelineOptions:
         max_fix_rounds=settings.max_fix_rounds,
         max_budget_usd=settings.max_budget_usd,
         open_pr=open_pr,
+        run_setup=bool(settings.setup_command),
     )
 
 
@@ -106,6 +112,31 @@ def _check_env(settings: Settings, home: Path) -> dict[str, str]:
     keep = ("PATH", "LANG", "LC_ALL", "TZ", *settings.agent_env_passthrough)
     env = {name: os.environ[name] for name in keep if name in os.environ}
     return {**env, "HOME": str(home), "CI": "true"}
+
+
+def egress_policies(settings: Settings) -> dict[str, EgressPolicy]:
+    """Each sandboxed phase's allowlist, from EGRESS_ALLOW_AGENT|SETUP|CHECKS and the shared limits."""
+    ports = frozenset(int(port) for port in settings.egress_allow_ports)
+    trusted = tuple(ipaddress.ip_network(net, strict=False) for net in settings.egress_trusted_nets)
+    hosts = {
+        AGENT: settings.egress_allow_agent,
+        SETUP: settings.egress_allow_setup,
+        CHECKS: settings.egress_allow_checks,
+    }
+    return {
+        phase: EgressPolicy(allow_hosts=frozenset(names), allow_ports=ports, trusted_nets=trusted)
+        for phase, names in hosts.items()
+    }
+
+
+@contextlib.contextmanager
+def _bridge_dir() -> Iterator[Path]:
+    """A short private directory for the bridges' sockets (a socket path must stay under 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="auto-code-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @asynccontextmanager
@@ -136,15 +167,25 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
     key = settings.anthropic_api_key
     upstream = settings.anthropic_base_url or DEFAULT_ANTHROPIC_URL
     model = ModelProxy(upstream, key.get_secret_value()) if key else contextlib.nullcontext(None)
-    async with model as proxy, _runner(settings, root, isolation, token, workspace, proxy) as runner:
-        yield runner
+    with _bridge_dir() as bridges:
+        service_dir = root / ".auto-code"
+        fence_config = FenceConfig(
+            bridge_dir=bridges,
+            cache_dir=service_dir / "cache",
+            key=load_key(service_dir / "canary-key"),
+            policies=egress_policies(settings),
+        )
+        async with model as proxy:
+            fence = Fence(isolation, fence_config, model=proxy)
+            async with _runner(settings, root, fence, token, workspace, proxy) as runner:
+                yield runner
 
 
 @asynccontextmanager
 async def _runner(
     settings: Settings,
     root: Path,
-    isolation: sandbox.Sandbox | None,
+    fence: Fence,
     token: str | None,
     workspace: Workspace,
     proxy: ModelProxy | None,
@@ -162,17 +203,20 @@ async def _runner(
             passthrough=settings.agent_env_passthrough,
             extra_allowed_commands=frozenset(settings.agent_allowed_commands),
             allow_ci_config_writes=settings.allow_ci_config_writes,
-            sandbox=isolation.prefix if isolation else None,
+            fence=fence,
         )
     )
     checks = Checks(
         ChecksConfig(
             lint_command=settings.lint_command,
             test_command=settings.test_command,
+            setup_command=settings.setup_command,
             timeout=settings.check_timeout.total_seconds(),
             env=_check_env(settings, root / ".auto-code" / "check-home"),
+            # Beside the agent's run dirs, so housekeeping removes a run's check home with them.
+            homes=agent.config.state_dir / "runs",
         ),
-        wrap=isolation.wrap if isolation else None,
+        fence=fence,
     )
     slug = settings.github_repo or (
         github.repo_slug_from_url(settings.repo_url) if settings.repo_url else None
@@ -222,6 +266,7 @@ async def _runner(
                 pr_body=render_pr_body,
                 before_start=kill_leftovers,
                 preflight=preflight,
+                find_canaries=lambda run_id, text: fence.canaries(run_id).find(text),
                 cleanup_worktrees=workspace.cleanup_expired,
                 cleanup_agent_state=cleanup_agent_state,
             ),
@@ -251,6 +296,7 @@ def render_pr_body(result: RunResult, ticket: Ticket) -> str:
         turns=result.turns,
         cost_usd=result.cost_usd,
         run_id=result.run_id,
+        network=result.network_summary(),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -62,12 +62,14 @@ class RunState(StrEnum):
     DRY_RUN = "dry_run"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    QUARANTINED = "quarantined"  # a decoy credential left the sandbox or it rewrote trusted git files
 
 
 class StepName(StrEnum):
     """The pipeline's steps, in order. Renaming one changes the durable workflow: see runner.py."""
 
     PREPARE_WORKSPACE = "prepare_workspace"
+    SETUP = "setup"
     IMPLEMENT = "implement"
     REVIEW = "review"
     LINT = "lint"
@@ -98,6 +100,7 @@ class PipelineOptions(BaseModel):
     max_fix_rounds: int = 2
     max_budget_usd: float = 5.0
     open_pr: bool = True
+    run_setup: bool = False  # SETUP_COMMAND is set: run it after prepare and in each baseline checkout
 
     def gates(self) -> list[Gate]:
         """The enabled gates, in order."""
@@ -119,6 +122,10 @@ class AgentResult(BaseModel):
     usage: dict[str, int] = Field(default_factory=dict)
     summary: str = ""
     denials: list[str] = Field(default_factory=list)
+    # What the phase's sandbox asked of the egress proxy, and the decoys it saw leave (empty: none).
+    network: list[dict[str, Any]] = Field(default_factory=list)
+    canaries: list[str] = Field(default_factory=list)
+    fenced: bool = False
 
     @property
     def ok(self) -> bool:
@@ -142,9 +149,12 @@ CheckStatus = Literal["passed", "failed", "skipped", "error"]
 class CheckResult(BaseModel):
     """One run of the target repo's lint or test command."""
 
-    gate: Gate
+    gate: Gate | None  # None: the setup command
     status: CheckStatus
     command: list[str] = Field(default_factory=list)
     output: str = ""
     duration: float = 0.0
     reason: str = ""
+    network: list[dict[str, Any]] = Field(default_factory=list)
+    canaries: list[str] = Field(default_factory=list)
+    fenced: bool = False

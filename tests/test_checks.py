@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from app.models import CheckResult, Gate
-from app.services import sandbox
 from app.services.checks import Checks, ChecksConfig, detect_command, failure_fingerprints, new_failures
+from tests.fencing import make_fence, need_bwrap
 
 ENV = {"PATH": os.environ["PATH"]}
 
@@ -72,6 +72,10 @@ def run(checks: Checks, gate: Gate, root: Path) -> CheckResult:
     return asyncio.run(checks.run(gate, root))
 
 
+def run_for(checks: Checks, gate: Gate, root: Path, run_id: str) -> CheckResult:
+    return asyncio.run(checks.run(gate, root, run_id))
+
+
 def test_no_command_is_skipped_never_passed(tmp_path: Path) -> None:
     result = run(Checks(ChecksConfig(env=ENV)), Gate.LINT, repo(tmp_path, {"README.md": "x"}))
     assert result.status == "skipped" and "no lint command" in result.reason
@@ -96,15 +100,28 @@ def test_a_check_past_its_timeout_fails_saying_so(tmp_path: Path) -> None:
     assert result.status == "failed" and "timed out" in result.reason
 
 
-def test_the_wrapper_runs_the_command(tmp_path: Path) -> None:
-    seen: list[list[str]] = []
+def test_a_fenced_check_runs_in_the_sandbox_with_its_own_home_and_decoys(tmp_path: Path) -> None:
+    fence = make_fence(tmp_path)
+    root = repo(tmp_path / "workspace" / "worktrees" / "ticket" / "x-1", {"x": ""})
+    homes = tmp_path / "workspace" / ".auto-code" / "agent" / "runs"
+    script = (
+        "import os; print(os.environ['HOME']); print(open(os.path.expanduser('~/.aws/credentials')).read())"
+    )
+    config = ChecksConfig(test_command=f'python3 -c "{script}"', env=ENV, homes=homes)
+    result = run_for(Checks(config, fence=fence), Gate.TEST, root, "run-7")
+    assert result.status == "passed", result.output
+    assert result.fenced and result.network == []
+    assert str(homes / "run-7" / "check-home") in result.output
+    assert fence.canaries("run-7").find(result.output) == ["aws access key id", "aws secret access key"]
 
-    def wrap(argv: list[str], cwd: Path) -> list[str]:
-        seen.append(list(argv))
-        return ["env", *argv]
 
-    result = run(Checks(ChecksConfig(lint_command="echo wrapped", env=ENV), wrap=wrap), Gate.LINT, tmp_path)
-    assert seen == [["echo", "wrapped"]] and result.status == "passed"
+def test_the_setup_command_runs_in_its_own_phase(tmp_path: Path) -> None:
+    fence = make_fence(tmp_path, fenced=False)
+    config = ChecksConfig(setup_command="sh -c 'echo $PIP_CACHE_DIR'", env=ENV)
+    result = asyncio.run(Checks(config, fence=fence).setup(tmp_path, "run-8"))
+    assert result.status == "passed" and result.gate is None
+    assert result.output.strip() == str(fence.config.cache_dir)
+    assert asyncio.run(Checks(ChecksConfig(env=ENV)).setup(tmp_path)).status == "skipped"
 
 
 PYTEST_BASE = "FAILED tests/test_a.py::test_old - assert 1 == 2\n1 failed, 3 passed"
@@ -165,19 +182,16 @@ PROBE = (
 
 
 def test_a_check_running_the_agents_code_cannot_read_the_service_environment(tmp_path: Path) -> None:
-    problem = sandbox.probe()
-    if problem is not None:
-        pytest.skip(f"process isolation unavailable here: {problem}")
+    need_bwrap()
     secret = "ghp_check_secret_value_424242"
     # A stand-in for the service: a process of the same user started with the secret in its environment.
     service = subprocess.Popen(["sleep", "60"], env={**ENV, "GH_TOKEN": secret})
     try:
         workspace = tmp_path / "workspace"
         worktree = repo(workspace / "worktrees" / "ticket" / "x-1", {"probe.py": PROBE})
-        isolation = sandbox.Sandbox(bwrap="bwrap", workspace_dir=workspace, user_home=Path.home())
         config = ChecksConfig(test_command="python3 probe.py", env=ENV)
         exposed = run(Checks(config), Gate.TEST, worktree)
-        isolated = run(Checks(config, wrap=isolation.wrap), Gate.TEST, worktree)
+        isolated = run(Checks(config, fence=make_fence(tmp_path)), Gate.TEST, worktree)
     finally:
         service.kill()
         service.wait()

@@ -14,8 +14,8 @@ import pytest
 
 from app.demo.model_server import HttpError, Script, ScriptedModelServer, Stall, ToolCall, Turn
 from app.models import AgentResult, Ticket
-from app.services import sandbox
 from app.services.claude_code import AgentConfig, ClaudeCode, parse_review
+from tests.fencing import TcpRelay, make_fence
 
 pytestmark = pytest.mark.e2e
 
@@ -48,18 +48,22 @@ def worktree(tmp_path: Path) -> Path:
     return path
 
 
+def server_port(server: ScriptedModelServer) -> int:
+    return int(server.base_url.rsplit(":", 1)[1])
+
+
 def make_agent(
     tmp_path: Path,
     server: ScriptedModelServer,
     *,
-    isolation: sandbox.Sandbox | None = None,
+    fenced: bool = False,
     **limits: object,
 ) -> ClaudeCode:
     config = AgentConfig(
         state_dir=tmp_path / "workspace" / ".auto-code" / "agent",
         model="claude-sonnet-4-5",
         anthropic_env={"ANTHROPIC_BASE_URL": server.base_url, "ANTHROPIC_API_KEY": "dummy-model-key"},
-        sandbox=isolation.prefix if isolation else None,
+        fence=make_fence(tmp_path, model=TcpRelay(server_port(server))) if fenced else None,
         **limits,  # type: ignore[arg-type]
     )
     return ClaudeCode(config)
@@ -78,14 +82,6 @@ def implement(
             run_id="run-1",
         )
     )
-
-
-@pytest.fixture
-def bwrap_sandbox(tmp_path: Path) -> Iterator[sandbox.Sandbox]:
-    problem = sandbox.probe()
-    if problem is not None:
-        pytest.skip(f"process isolation unavailable here: {problem}")
-    yield sandbox.Sandbox(bwrap="bwrap", workspace_dir=tmp_path / "workspace", user_home=Path.home())
 
 
 def test_implement_writes_in_the_worktree_and_reports_session_turns_and_cost(
@@ -212,10 +208,10 @@ def test_without_isolation_the_probe_would_find_the_secrets(
 
 
 def test_code_the_agent_runs_cannot_read_the_service_environment(
-    tmp_path: Path, worktree: Path, service_process: dict[str, str], bwrap_sandbox: sandbox.Sandbox
+    tmp_path: Path, worktree: Path, service_process: dict[str, str]
 ) -> None:
     with ScriptedModelServer([Script(IMPLEMENT, [Turn(tool_calls=probe_calls())])]) as server:
-        implement(make_agent(tmp_path, server, isolation=bwrap_sandbox), worktree)
+        implement(make_agent(tmp_path, server, fenced=True), worktree)
     results = server.tool_results("Bash")
     assert len(results) == 3, results
     assert "environments read:" in results[2].content, "the probe did not run: it proves nothing"

@@ -147,23 +147,35 @@ def test_unknown_missing_and_revoked_tokens_get_401_and_nothing_reaches_the_upst
         assert reply.json()["error"]["type"] == "authentication_error"
 
 
-def test_only_v1_paths_are_forwarded() -> None:
+def test_only_the_clis_two_endpoints_are_forwarded() -> None:
+    """The real key opens files, batches and models too; the agent's token opens messages only."""
     with ScriptedModelServer([GREETING]) as upstream:
 
         async def scenario(proxy: ModelProxy, client: httpx.AsyncClient) -> list[int]:
             token = proxy.issue()
+            refused = [
+                ("HEAD", "/api/hello"),
+                ("GET", "/v1"),
+                ("GET", "/v10/models"),
+                ("GET", "/v1/models"),
+                ("POST", "/v1/files"),
+                ("POST", "/v1/messages/batches"),
+                ("GET", "/v1/messages"),
+                ("POST", "/v1/messages/"),
+                ("POST", "/v1/%6Dessages"),
+            ]
             statuses = [
                 (await client.request(method, path, headers={"x-api-key": token})).status_code
-                for method, path in [("HEAD", "/api/hello"), ("GET", "/v1"), ("GET", "/v10/models")]
+                for method, path in refused
             ]
-            for target in ("/v1/../api/hello", "/v1/%2e%2e/api/hello"):
+            for target in ("/v1/../api/hello", "/v1/%2e%2e/api/hello", "/v1/messages/../files"):
                 head = f"GET {target} HTTP/1.1\r\nhost: x\r\nx-api-key: {token}\r\n\r\n".encode()
                 statuses.append(int((await _raw(proxy, head)).split(b" ")[1]))
             return statuses
 
         statuses = _through_proxy(upstream.base_url, scenario)
         assert upstream.requests == []
-    assert statuses == [404] * 5
+    assert statuses == [404] * 12
 
 
 def test_the_sse_stream_arrives_intact_and_chunked() -> None:

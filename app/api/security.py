@@ -10,6 +10,16 @@ from fastapi import HTTPException, Request, status
 TOKEN_HEADER = "X-Webhook-Token"  # noqa: S105 - a header name, not a secret
 SIGNATURE_HEADER = "X-Hub-Signature"
 _SIGNATURE_PREFIX = "sha256="
+# Headers by which a proxy or tunnel says it relayed a request: ngrok adds X-Forwarded-For, cloudflared
+# CF-Connecting-IP. Behind either, every internet caller connects from 127.0.0.1.
+FORWARDING_HEADERS = (
+    "X-Forwarded-For",
+    "Forwarded",
+    "CF-Connecting-IP",
+    "X-Real-IP",
+    "True-Client-IP",
+    "X-Forwarded-Host",
+)
 
 
 def token_matches(presented: str, secret: str) -> bool:
@@ -70,3 +80,8 @@ def client_ip(request: Request, trust_proxy_headers: bool) -> str:
         if forwarded:
             return forwarded
     return request.client.host if request.client else "unknown"
+
+
+def forwarding_header(request: Request) -> str | None:
+    """The first header that says a proxy or tunnel relayed the request, or None for a direct caller."""
+    return next((name for name in FORWARDING_HEADERS if name in request.headers), None)

@@ -34,6 +34,7 @@ FINAL = {
     RunState.DRY_RUN,
     RunState.FAILED,
     RunState.CANCELLED,
+    RunState.QUARANTINED,
 }
 
 
@@ -101,6 +102,13 @@ def summary(record: RunRecord, origin: Path) -> str:
     lines.append(f"Gates: {', '.join(f'{g.gate.value} {g.status}' for g in result.gates) or '-'}")
     price = "the CLI's price list; the scripted model charged nothing"
     lines.append(f"Agent turns: {result.turns}, cost: ${result.cost_usd:.4f} ({price})")
+    if result.network_summary():
+        lines.append(result.network_summary())
+    lines += [
+        f"  {'allowed' if r.get('allowed') else 'denied'}: {r.get('method')} {r.get('host')}:{r.get('port')}"
+        f" ({r.get('rule')}, {r.get('phase')} phase)"
+        for r in result.network
+    ]
     if result.branch and result.commit:
         lines.append(f"Branch: {result.branch} at {result.commit[:12]} in {origin}")
         lines.append(f"  see it with: git -C {origin} log --stat -1 {result.branch}")

@@ -7,15 +7,21 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 
 from app.api.dependencies import RunsDep, SettingsDep
-from app.api.security import token_matches
+from app.api.security import forwarding_header, token_matches
 from app.models import RunState
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
 def require_api_token(request: Request, settings: SettingsDep) -> None:
-    """Bearer API_TOKEN; with none set (development only) the API answers loopback callers alone."""
+    """Bearer API_TOKEN; with none set (development only) the API answers direct loopback callers alone."""
     if settings.api_token is None:
+        if forwarded := forwarding_header(request):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                f"this request came through a proxy or tunnel ({forwarded}); "
+                "set API_TOKEN to use the runs API remotely",
+            )
         if request.client is None or request.client.host not in LOOPBACK:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "API_TOKEN is not set: the runs API is loopback-only"

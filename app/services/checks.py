@@ -7,11 +7,12 @@ import re
 import shlex
 import shutil
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.errors import CommandError, CommandTimeout
+from app.isolation.fence import CHECKS, SETUP, Fence
 from app.logger import get_logger
 from app.models import CheckResult, Gate
 from app.services import proc
@@ -29,12 +30,7 @@ _FAILURE_LINE = re.compile(
 )
 _POSITION = re.compile(r"[:(]\d+(?:[:,]\d+)?\)?")
 
-# Wraps argv so the command runs isolated (the sandbox); identity when isolation is off.
-Wrapper = Callable[[Sequence[str], Path], list[str]]
-
-
-def _no_wrapper(argv: Sequence[str], cwd: Path) -> list[str]:
-    return list(argv)
+_UNSAFE = re.compile(r"[^a-z0-9-]+")
 
 
 @dataclass(frozen=True)
@@ -43,8 +39,11 @@ class ChecksConfig:
 
     lint_command: str | None = None
     test_command: str | None = None
+    setup_command: str | None = None
     timeout: float = 900
     env: Mapping[str, str] = field(default_factory=dict)
+    # Where each run's check HOME goes (<homes>/<run id>/check-home); None: the HOME of `env`.
+    homes: Path | None = None
 
 
 def _package_scripts(repo: Path) -> dict[str, str]:
@@ -116,11 +115,11 @@ def new_failures(current: CheckResult, baseline: CheckResult | None) -> str | No
 
 
 class Checks:
-    """Runs the lint and test gates of the repository in a working copy."""
+    """Runs the setup command and the lint and test gates of the repository in a working copy, fenced."""
 
-    def __init__(self, config: ChecksConfig, wrap: Wrapper | None = None) -> None:
+    def __init__(self, config: ChecksConfig, fence: Fence | None = None) -> None:
         self._config = config
-        self._wrap = wrap or _no_wrapper
+        self._fence = fence
 
     def command_for(self, gate: Gate, repo: Path) -> list[str] | None:
         """The configured command for `gate`, else the detected one."""
@@ -129,7 +128,7 @@ class Checks:
             return shlex.split(configured)
         return detect_command(gate, repo)
 
-    async def run(self, gate: Gate, repo: Path) -> CheckResult:
+    async def run(self, gate: Gate, repo: Path, run_id: str = "") -> CheckResult:
         """Run `gate` in `repo`: passed, failed with the output's tail, or skipped when no command exists."""
         argv = self.command_for(gate, repo)
         if argv is None:
@@ -137,19 +136,50 @@ class Checks:
             return CheckResult(
                 gate=gate, status="skipped", reason=f"no {gate.value} command configured or found"
             )
+        return await self._fenced(gate, argv, repo, run_id, CHECKS)
+
+    async def setup(self, repo: Path, run_id: str = "") -> CheckResult:
+        """Run SETUP_COMMAND in `repo` (the only phase whose allowlist holds package registries)."""
+        if not self._config.setup_command:
+            return CheckResult(gate=None, status="skipped", reason="no setup command configured")
+        return await self._fenced(None, shlex.split(self._config.setup_command), repo, run_id, SETUP)
+
+    def _home(self, run_id: str) -> Path:
+        if self._config.homes is None:
+            return Path(self._config.env.get("HOME") or Path.home())
+        return self._config.homes / (_UNSAFE.sub("-", run_id.lower())[:80] or "local") / "check-home"
+
+    async def _fenced(
+        self, gate: Gate | None, argv: list[str], repo: Path, run_id: str, phase: str
+    ) -> CheckResult:
+        name = gate.value if gate else phase
         if (
             shutil.which(argv[0], path=self._config.env.get("PATH")) is None
             and not (repo / argv[0]).is_file()
         ):
             # Not a failure of the change, nor of the base branch: the run cannot check at all.
-            reason = f"{argv[0]} is not installed (not on the PATH of the {gate.value} command)"
-            log.warning("check cannot run", gate=gate.value, command=argv[0])
+            reason = f"{argv[0]} is not installed (not on the PATH of the {name} command)"
+            log.warning("check cannot run", gate=name, command=argv[0])
             return CheckResult(gate=gate, status="error", command=argv, reason=reason)
+        if self._fence is None:
+            return await self._execute(gate, argv, repo, [], dict(self._config.env))
+        home = self._home(run_id)
+        async with self._fence.enclose(run_id, phase, repo, home) as enclosure:
+            env = {**self._config.env, "HOME": str(home), **enclosure.env}
+            result = await self._execute(gate, argv, repo, enclosure.prefix, env)
+        return result.model_copy(
+            update={"network": enclosure.network, "canaries": enclosure.tripped, "fenced": enclosure.fenced}
+        )
+
+    async def _execute(
+        self, gate: Gate | None, argv: list[str], repo: Path, prefix: list[str], env: dict[str, str]
+    ) -> CheckResult:
+        name = gate.value if gate else SETUP
         try:
             done = await proc.run(
-                self._wrap(argv, repo),
+                [*prefix, *argv],
                 cwd=repo,
-                env=self._config.env,
+                env=env,
                 timeout=self._config.timeout,
                 check=False,
             )
@@ -165,7 +195,7 @@ class Checks:
         except CommandError as exc:
             return CheckResult(gate=gate, status="failed", command=argv, output=exc.output, reason=str(exc))
         status = "passed" if done.returncode == 0 else "failed"
-        log.info("check finished", gate=gate.value, status=status, seconds=round(done.duration, 2))
+        log.info("check finished", gate=name, status=status, seconds=round(done.duration, 2))
         return CheckResult(
             gate=gate,
             status=status,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shlex
@@ -37,6 +38,7 @@ from claude_agent_sdk import (
 )
 from claude_agent_sdk import ClaudeSDKError as SDKError
 
+from app.isolation.fence import AGENT, Enclosure, Fence
 from app.logger import get_logger
 from app.models import AgentOutcome, AgentResult, ReviewResult, ReviewVerdict, Ticket
 from app.prompts import ticket_prompts
@@ -70,10 +72,6 @@ class ModelAccess(Protocol):
     def revoke(self, token: str) -> None: ...
 
 
-# Wraps the CLI's argv in the sandbox for one worktree; None = no isolation.
-SandboxPrefix = Callable[[Path, Path], list[str]]
-
-
 @dataclass(frozen=True)
 class AgentConfig:
     """Limits, model and where the agent keeps its per-session homes and per-run pidfiles."""
@@ -91,7 +89,7 @@ class AgentConfig:
     passthrough: Sequence[str] = ()
     extra_allowed_commands: frozenset[str] = frozenset()
     allow_ci_config_writes: bool = False
-    sandbox: SandboxPrefix | None = None
+    fence: Fence | None = None
     source_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
@@ -254,7 +252,7 @@ class ClaudeCode:
             return {}
         return {"ANTHROPIC_BASE_URL": access.base_url, "ANTHROPIC_API_KEY": token}
 
-    def _launcher(self, run_id: str, worktree: Path, home: Path, names: Sequence[str]) -> Path:
+    def _launcher(self, run_id: str, names: Sequence[str], prefix: Sequence[str]) -> Path:
         """Write the script the SDK starts as the CLI: pidfile, own process group, clean env, sandbox."""
         assert self._cli is not None
         run_dir = self.run_dir(run_id)
@@ -262,8 +260,7 @@ class ClaudeCode:
         pidfile = run_dir / PIDFILE
         # ${NAME+"NAME=$NAME"} keeps a variable only when it is set, with its value untouched.
         keep = " ".join(f'${{{name}+"{name}=${name}"}}' for name in names)
-        sandbox = self.config.sandbox(worktree, home) if self.config.sandbox else []
-        command = " ".join(shlex.quote(part) for part in [*sandbox, str(self._cli)])
+        command = " ".join(shlex.quote(part) for part in [*prefix, str(self._cli)])
         script = (
             "#!/bin/sh\n"
             f"# {LAUNCHER_MARK}: names only, never values\n"
@@ -288,6 +285,7 @@ class ClaudeCode:
         read_only: bool,
         denials: list[str],
         token: str | None,
+        enclosure: Enclosure | None,
     ) -> ClaudeAgentOptions:
         home = self.session_home(session_id)
         config_dir = home / ".claude"
@@ -306,6 +304,8 @@ class ClaudeCode:
             passthrough=self.config.passthrough,
             source=self.config.source_env,
         )
+        if enclosure is not None:
+            env.update(enclosure.env)  # the bridges' ports, the decoy token
         policy = AgentPolicy(
             PolicyConfig(
                 worktree=worktree.resolve(),
@@ -324,7 +324,7 @@ class ClaudeCode:
         names = [name for name in names if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
         return ClaudeAgentOptions(
             cwd=str(worktree),
-            cli_path=str(self._launcher(run_id, worktree, home, names)),
+            cli_path=str(self._launcher(run_id, names, enclosure.prefix if enclosure else [])),
             env=env,
             model=self.config.model,
             max_turns=max_turns,
@@ -357,6 +357,46 @@ class ClaudeCode:
         run_id: str,
         read_only: bool,
     ) -> AgentResult:
+        """One CLI session, fenced when a fence is configured: what it did and what its network saw."""
+        fence = self.config.fence
+        session = functools.partial(
+            self._session,
+            phase,
+            worktree,
+            session_id=session_id,
+            resume=resume,
+            prompt=prompt,
+            max_turns=max_turns,
+            budget_usd=budget_usd,
+            deadline=deadline,
+            run_id=run_id,
+            read_only=read_only,
+        )
+        if fence is None or self._cli is None or not self._cli.exists():
+            return await session(enclosure=None)
+        async with fence.enclose(
+            run_id, AGENT, worktree, self.session_home(session_id), model=True
+        ) as enclosure:
+            result = await session(enclosure=enclosure)
+        return result.model_copy(
+            update={"network": enclosure.network, "canaries": enclosure.tripped, "fenced": enclosure.fenced}
+        )
+
+    async def _session(
+        self,
+        phase: str,
+        worktree: Path,
+        *,
+        session_id: str,
+        resume: bool,
+        prompt: Callable[[], str],
+        max_turns: int,
+        budget_usd: float,
+        deadline: float,
+        run_id: str,
+        read_only: bool,
+        enclosure: Enclosure | None,
+    ) -> AgentResult:
         """One CLI session: connect first (pre-warm), then build the prompt, then run it within the limits."""
 
         def ended(outcome: AgentOutcome, reason: str, collected: _Collected | None = None) -> AgentResult:
@@ -385,6 +425,7 @@ class ClaudeCode:
                 read_only=read_only,
                 denials=collected.denials,
                 token=token,
+                enclosure=enclosure,
             )
             log.info("agent phase started", run_id=run_id, phase=phase, session_id=session_id, resume=resume)
             async with asyncio.timeout(timeout), self._client(options, run_id) as client:

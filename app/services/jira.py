@@ -608,7 +608,11 @@ def comment_text(result: RunResult) -> str:
         lines.append(f"Worktree kept for inspection; remove it with: {result.removal_hint}")
     if result.summary:
         lines.append(f"\nWhat the agent did:\n{result.summary}")
+    if result.evidence:
+        lines.append("Decoy credentials seen: " + "; ".join(result.evidence))
     lines.append(f"\nTurns: {result.turns}, cost: ${result.cost_usd:.2f}")
+    if result.network_summary():
+        lines.append(result.network_summary())
     return "\n".join(lines)[:COMMENT_LIMIT]
 
 

@@ -3,8 +3,11 @@
 The service holds the key and runs this proxy on 127.0.0.1 inside its own event loop. Each agent phase
 gets a random token from `issue()` as its ANTHROPIC_API_KEY and `base_url` as its ANTHROPIC_BASE_URL; the
 proxy accepts only live tokens (`x-api-key` or `Authorization: Bearer`), swaps in the real key, forwards
-`/v1/...` requests to the upstream and streams the answer back chunk by chunk (SSE is never buffered).
-`revoke()` ends a token when its phase ends. Code the agent runs can read the token from the CLI's
+what the CLI sends (POST /v1/messages and /v1/messages/count_tokens; never the files, batches or admin
+paths the real key would open) to the upstream and streams the answer back chunk by chunk (SSE is never
+buffered). `revoke()` ends a token when its phase ends. A sandbox without a network reaches the proxy
+through a Unix socket that `listen(path)` opens for the length of one phase and the bridge inside turns
+into a port. Code the agent runs can read the token from the CLI's
 environment, but the token is worth nothing once the phase is over, and the key itself is never there.
 
 The HTTP/1.1 server side is deliberately small: one request per connection (`Connection: close`), a
@@ -19,12 +22,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import unquote
@@ -43,7 +48,7 @@ CONNECT_TIMEOUT = 10.0
 UPSTREAM_TIMEOUT = httpx.Timeout(None, connect=CONNECT_TIMEOUT)
 STOP_GRACE_SECONDS = 0.5
 LINGER_SECONDS = 1.0
-FORWARDED_PREFIX = "/v1/"
+FORWARDED = frozenset({("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")})
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "trailers", "upgrade"}
 )
@@ -197,6 +202,11 @@ class _Abort(Exception):
     """The response cannot be completed; the connection is cut so the client sees it truncated."""
 
 
+def _clear_socket(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+
+
 class ModelProxy:
     """The reverse proxy: per-phase tokens in, the real key out, answers streamed back as they arrive.
 
@@ -280,6 +290,20 @@ class ModelProxy:
                 await asyncio.wait_for(client.aclose(), STOP_GRACE_SECONDS)
         log.info("model proxy stopped", live_tokens=len(self._live))
 
+    @contextlib.asynccontextmanager
+    async def listen(self, path: Path) -> AsyncIterator[Path]:
+        """Serve also on the Unix socket `path` (mode 0600) for the block: one sandboxed phase's bridge."""
+        if self._server is None:
+            raise RuntimeError("the model proxy is not running")
+        _clear_socket(path)
+        server = await asyncio.start_unix_server(self._serve, path, limit=MAX_HEAD_BYTES)
+        os.chmod(path, 0o600)
+        try:
+            yield path
+        finally:
+            server.close()
+            _clear_socket(path)
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self
@@ -325,10 +349,9 @@ class ModelProxy:
         self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         path = request.target.partition("?")[0]
-        segments = unquote(path).split("/")
-        if not path.startswith(FORWARDED_PREFIX) or "." in segments or ".." in segments:
+        if (request.method, unquote(path)) not in FORWARDED or path != unquote(path):
             log.warning("model proxy refused a path", method=request.method, path=path[:200])
-            raise _Reject(404, "the model proxy forwards /v1/ paths only")
+            raise _Reject(404, "the model proxy forwards POST /v1/messages and its count_tokens only")
         if not self._authorized(request):
             log.warning("model proxy refused a token", method=request.method, path=path)
             raise _Reject(401, "invalid or expired agent token")

@@ -31,7 +31,8 @@ from dbos._error import DBOSException, DBOSWorkflowIDInUseError
 from dbos._serialization import DBOSPortableJSON
 from pydantic import BaseModel, Field
 
-from app.errors import AutoCodeError, RunConflict, RunNotFound
+from app.errors import AutoCodeError, RunConflict, RunNotFound, SandboxTampered
+from app.isolation.fence import network_line
 from app.logger import get_logger
 from app.models import (
     AgentResult,
@@ -124,9 +125,10 @@ class AgentPort(Protocol):
 
 
 class ChecksPort(Protocol):
-    """The repository's lint and test commands."""
+    """The repository's setup, lint and test commands, each in its own fenced sandbox."""
 
-    async def run(self, gate: Gate, repo: Path) -> CheckResult: ...
+    async def run(self, gate: Gate, repo: Path, run_id: str = "") -> CheckResult: ...
+    async def setup(self, repo: Path, run_id: str = "") -> CheckResult: ...
 
 
 class PullRequestsPort(Protocol):
@@ -157,6 +159,8 @@ class Collaborators:
     before_start: Callable[[], Awaitable[None]] | None = None
     # Why a run cannot start right now (low disk, ...), or None.
     preflight: Callable[[], str | None] | None = None
+    # Decoy credentials of a run: where they are found (text that is about to leave), by name.
+    find_canaries: Callable[[str, str | bytes], list[str]] | None = None
     # Housekeeping: remove worktrees past their TTL at `now` except those of active tickets; remove
     # agent state older than a cutoff (epoch seconds) except that of active runs and sessions.
     cleanup_worktrees: Callable[[set[str], datetime], Awaitable[list[Path]]] | None = None
@@ -212,7 +216,16 @@ class RunResult(BaseModel):
     turns: int = 0
     cost_usd: float = 0.0
     denials: list[str] = Field(default_factory=list)
+    # Every request the run's sandboxes made through the egress proxy; fenced: they had no other way out.
+    network: list[dict[str, Any]] = Field(default_factory=list)
+    fenced: bool | None = None
+    # Where a decoy credential was seen ("egress proxy, test phase: aws secret access key", ...).
+    evidence: list[str] = Field(default_factory=list)
     retry_of: str | None = None
+
+    def network_summary(self) -> str:
+        """One line: fenced or not, the requests made, the connections denied ("" before any phase ran)."""
+        return network_line(self.network, self.fenced)
 
 
 def _failure_list(result: CheckResult) -> str:
@@ -230,8 +243,12 @@ def _out(summary: str, **data: Any) -> dict[str, Any]:
     return {"ok": True, "summary": summary, **data}
 
 
-def _err(summary: str) -> dict[str, Any]:
-    return {"ok": False, "summary": summary, "error": summary}
+def _err(summary: str, *, quarantine: list[str] | None = None) -> dict[str, Any]:
+    """A failed step; `quarantine` names what was found when the run must end quarantined."""
+    failed: dict[str, Any] = {"ok": False, "summary": summary, "error": summary}
+    if quarantine:
+        failed["quarantine"] = quarantine
+    return failed
 
 
 # --- the steps (each records its result) --------------------------------------------------------
@@ -295,14 +312,38 @@ class Pipeline:
         )
         return _out(f"{result.verdict}: {result.findings}", review=result.model_dump(mode="json"))
 
-    async def check(self, gate: Gate, prepared: dict[str, Any]) -> dict[str, Any]:
-        result = await self.parts.checks.run(gate, self._worktree(prepared).path)
+    async def setup(self, run: RunInput, prepared: dict[str, Any]) -> dict[str, Any]:
+        result = await self.parts.checks.setup(self._worktree(prepared).path, run.run_id)
         return _out(_check_summary(result), check=result.model_dump(mode="json"))
 
-    async def baseline(self, gate: Gate, prepared: dict[str, Any]) -> dict[str, Any]:
+    async def check(self, run: RunInput, gate: Gate, prepared: dict[str, Any]) -> dict[str, Any]:
+        result = await self.parts.checks.run(gate, self._worktree(prepared).path, run.run_id)
+        return _out(_check_summary(result), check=result.model_dump(mode="json"))
+
+    async def baseline(self, run: RunInput, gate: Gate, prepared: dict[str, Any]) -> dict[str, Any]:
+        network: list[dict[str, Any]] = []
+        canaries: list[str] = []
         async with self.parts.workspace.base_checkout(self._worktree(prepared)) as base:
-            result = await self.parts.checks.run(gate, base)
+            if run.options.run_setup:
+                setup = await self.parts.checks.setup(base, run.run_id)
+                network, canaries = setup.network, setup.canaries
+                if setup.status in ("failed", "error") or canaries:
+                    result = setup.model_copy(update={"gate": gate})
+                    return _out(
+                        f"setup on the base commit: {_check_summary(setup)}",
+                        check=result.model_dump(mode="json"),
+                    )
+            result = await self.parts.checks.run(gate, base, run.run_id)
+        result = result.model_copy(
+            update={"network": [*network, *result.network], "canaries": [*canaries, *result.canaries]}
+        )
         return _out(f"on the base commit: {_check_summary(result)}", check=result.model_dump(mode="json"))
+
+    def leaks(self, run: RunInput, where: str, text: str | bytes) -> list[str]:
+        """Evidence lines for every decoy of the run found in `text` (what is about to leave)."""
+        if self.parts.find_canaries is None:
+            return []
+        return [f"{where}: {name}" for name in self.parts.find_canaries(run.run_id, text)]
 
     async def fix(
         self, run: RunInput, prepared: dict[str, Any], feedback: str, spent: float
@@ -321,6 +362,14 @@ class Pipeline:
     async def commit(self, run: RunInput, prepared: dict[str, Any]) -> dict[str, Any]:
         worktree = self._worktree(prepared)
         changes = await self.parts.workspace.changes(worktree)
+        found = self.leaks(run, "the change to commit", changes.diff)
+        for change in changes.files:  # a binary file's bytes are not in the diff
+            with contextlib.suppress(OSError):
+                found += self.leaks(
+                    run, f"the file {change.path}", (worktree.path / change.path).read_bytes()
+                )
+        if found:
+            return _err("a decoy credential is in the change; nothing was committed", quarantine=found)
         sha = await self.parts.workspace.commit(worktree, run.ticket)
         summary = f"committed {sha[:12]}" if sha else "nothing to commit"
         return _out(
@@ -332,7 +381,18 @@ class Pipeline:
             skipped=[f"{item.path}: {item.reason}" for item in changes.skipped],
         )
 
-    async def push(self, prepared: dict[str, Any]) -> dict[str, Any]:
+    async def push(self, run: RunInput, prepared: dict[str, Any], result: RunResult) -> dict[str, Any]:
+        ticket = run.ticket
+        texts = {
+            "the PR title": f"{ticket.key}: {ticket.summary}",
+            "the PR body": self.parts.pr_body(result, ticket),
+            "the run's summary": "\n".join([result.summary, *result.review_findings]),
+        }
+        found = [line for where, text in texts.items() for line in self.leaks(run, where, text)]
+        if found:
+            return _err(
+                "a decoy credential is in what would be published; nothing was pushed", quarantine=found
+            )
         sha = await self.parts.workspace.push(self._worktree(prepared))
         return _out(f"pushed {prepared['branch']} at {sha[:12]}", sha=sha)
 
@@ -356,7 +416,7 @@ class Pipeline:
         except Exception as exc:  # a report that fails must not turn a finished run into a failed one
             log.warning("report failed", ticket=run.ticket.key, run_id=run.run_id, error=str(exc))
             notes.append(f"report failed: {exc}")
-        keep = result.state in (RunState.DRY_RUN, RunState.FAILED, RunState.CANCELLED)
+        keep = result.state in (RunState.DRY_RUN, RunState.FAILED, RunState.CANCELLED, RunState.QUARANTINED)
         if prepared is not None and not keep:
             await self.parts.workspace.remove(self._worktree(prepared))
             notes.append("worktree removed")
@@ -381,6 +441,8 @@ async def _guarded(step: StepName, call: Awaitable[dict[str, Any]], run: RunInpu
     log.info("step started", ticket=run.ticket.key, run_id=run.run_id, step=step.value)
     try:
         output = await call
+    except SandboxTampered as exc:
+        output = _err(str(exc), quarantine=[f"{step.value}: {exc}"])
     except AutoCodeError as exc:
         output = _err(str(exc))
     output["seconds"] = round(time.monotonic() - started, 3)
@@ -401,6 +463,12 @@ async def _prepare_step(raw: dict[str, Any]) -> dict[str, Any]:
     return await _guarded(StepName.PREPARE_WORKSPACE, _active().prepare(run), run)
 
 
+@DBOS.step(name=StepName.SETUP.value, preemptible=True)
+async def _setup_step(raw: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
+    run = RunInput.model_validate(raw)
+    return await _guarded(StepName.SETUP, _active().setup(run, prepared), run)
+
+
 @DBOS.step(name=StepName.IMPLEMENT.value, preemptible=True)
 async def _implement_step(raw: dict[str, Any], prepared: dict[str, Any], spent: float) -> dict[str, Any]:
     run = RunInput.model_validate(raw)
@@ -416,19 +484,19 @@ async def _review_step(raw: dict[str, Any], prepared: dict[str, Any], spent: flo
 @DBOS.step(name=StepName.LINT.value, preemptible=True)
 async def _lint_step(raw: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
     run = RunInput.model_validate(raw)
-    return await _guarded(StepName.LINT, _active().check(Gate.LINT, prepared), run)
+    return await _guarded(StepName.LINT, _active().check(run, Gate.LINT, prepared), run)
 
 
 @DBOS.step(name=StepName.TEST.value, preemptible=True)
 async def _test_step(raw: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
     run = RunInput.model_validate(raw)
-    return await _guarded(StepName.TEST, _active().check(Gate.TEST, prepared), run)
+    return await _guarded(StepName.TEST, _active().check(run, Gate.TEST, prepared), run)
 
 
 @DBOS.step(name=StepName.BASELINE.value, preemptible=True)
 async def _baseline_step(raw: dict[str, Any], prepared: dict[str, Any], gate: str) -> dict[str, Any]:
     run = RunInput.model_validate(raw)
-    return await _guarded(StepName.BASELINE, _active().baseline(Gate(gate), prepared), run)
+    return await _guarded(StepName.BASELINE, _active().baseline(run, Gate(gate), prepared), run)
 
 
 @DBOS.step(name=StepName.FIX.value, preemptible=True)
@@ -446,9 +514,16 @@ async def _commit_step(raw: dict[str, Any], prepared: dict[str, Any]) -> dict[st
 
 
 @DBOS.step(name=StepName.PUSH.value)
-async def _push_step(raw: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
+async def _push_step(
+    raw: dict[str, Any], prepared: dict[str, Any], result: dict[str, Any] | None = None
+) -> dict[str, Any]:
     run = RunInput.model_validate(raw)
-    return await _guarded(StepName.PUSH, _active().push(prepared), run)
+    outcome = (
+        RunResult.model_validate(result)
+        if result
+        else RunResult(run_id=run.run_id, ticket=run.ticket.key, state=RunState.RUNNING)
+    )
+    return await _guarded(StepName.PUSH, _active().push(run, prepared, outcome), run)
 
 
 @DBOS.step(name=StepName.OPEN_PR.value)
@@ -492,18 +567,50 @@ class _Flow:
     prepared: dict[str, Any] | None = None
     findings: list[str] = field(default_factory=list)
 
-    def spend(self, agent: dict[str, Any]) -> AgentResult:
+    def spend(self, agent: dict[str, Any], phase: str) -> AgentResult:
         outcome = AgentResult.model_validate(agent)
         self.result.turns += outcome.turns
         self.result.cost_usd = round(self.result.cost_usd + outcome.cost_usd, 6)
         self.result.denials.extend(outcome.denials)
+        self.saw(outcome.network, outcome.canaries, outcome.fenced, phase)
         return outcome
+
+    def saw(self, network: list[dict[str, Any]], canaries: list[str], fenced: bool, phase: str) -> None:
+        """Add a sandboxed phase's network record and any decoy its egress proxy saw."""
+        self.result.network.extend(network)
+        self.result.fenced = fenced if self.result.fenced is None else self.result.fenced and fenced
+        self.result.evidence.extend(f"egress proxy, {phase} phase: {name}" for name in canaries)
+
+    def checked(self, output: dict[str, Any], phase: str) -> CheckResult:
+        check = CheckResult.model_validate(output["check"])
+        self.saw(check.network, check.canaries, check.fenced, phase)
+        return check
 
     def fail(self, step: StepName, reason: str) -> RunResult:
         self.result.state = RunState.FAILED
         self.result.failed_step = step
         self.result.reason = reason
         return self.result
+
+    def quarantine(self, step: StepName, evidence: Sequence[str] = ()) -> RunResult:
+        """End the run quarantined: nothing more leaves, the worktree stays as evidence."""
+        self.result.evidence.extend(line for line in evidence if line not in self.result.evidence)
+        self.result.state = RunState.QUARANTINED
+        self.result.failed_step = step
+        self.result.reason = (
+            "quarantined: "
+            + "; ".join(self.result.evidence)
+            + ". Nothing was pushed; the worktree is kept for inspection."
+        )
+        return self.result
+
+    def stopped(self, step: StepName, output: dict[str, Any]) -> RunResult | None:
+        """The run's end when this step's output quarantines it or a decoy was seen; else None."""
+        if output.get("quarantine"):
+            return self.quarantine(step, output["quarantine"])
+        if self.result.evidence:
+            return self.quarantine(step)
+        return None
 
     async def execute(self) -> RunResult:
         prepared = await _announced(StepName.PREPARE_WORKSPACE, _prepare_step(self.raw))
@@ -515,13 +622,29 @@ class _Flow:
         self.result.base_branch = prepared["base_branch"]
         self.result.worktree = prepared["path"]
 
+        if self.run.options.run_setup:
+            setup = await _announced(StepName.SETUP, _setup_step(self.raw, prepared))
+            check = self.checked(setup, "setup") if setup["ok"] else None
+            if (stop := self.stopped(StepName.SETUP, setup)) is not None:
+                return stop
+            if not setup["ok"]:
+                return self.fail(StepName.SETUP, setup["error"])
+            assert check is not None
+            if check.status in ("failed", "error"):
+                detail = f"{check.reason}\n{check.output[-3000:]}".strip()
+                return self.fail(StepName.SETUP, f"the setup command failed: {detail}")
+
         implemented = await _announced(
             StepName.IMPLEMENT, _implement_step(self.raw, prepared, self.result.cost_usd)
         )
+        if (stop := self.stopped(StepName.IMPLEMENT, implemented)) is not None:
+            return stop
         if not implemented["ok"]:
             return self.fail(StepName.IMPLEMENT, implemented["error"])
-        agent = self.spend(implemented["agent"])
+        agent = self.spend(implemented["agent"], "agent")
         self.result.summary = agent.summary
+        if (stop := self.stopped(StepName.IMPLEMENT, implemented)) is not None:
+            return stop
         if not agent.ok:
             return self.fail(StepName.IMPLEMENT, agent.reason or agent.outcome)
         if not implemented["files"]:
@@ -561,9 +684,13 @@ class _Flow:
                 fixed = await _announced(
                     StepName.FIX, _fix_step(self.raw, prepared, feedback, self.result.cost_usd)
                 )
+                if (stop := self.stopped(StepName.FIX, fixed)) is not None:
+                    return stop
                 if not fixed["ok"]:
                     return self.fail(StepName.FIX, fixed["error"])
-                outcome = self.spend(fixed["agent"])
+                outcome = self.spend(fixed["agent"], "agent")
+                if (stop := self.stopped(StepName.FIX, fixed)) is not None:
+                    return stop
                 if not outcome.ok:
                     return self.fail(StepName.FIX, outcome.reason or outcome.outcome)
                 if outcome.summary:
@@ -579,10 +706,14 @@ class _Flow:
         step = StepName(gate.value)
         if gate is Gate.REVIEW:
             output = await _announced(StepName.REVIEW, _review_step(self.raw, prepared, self.result.cost_usd))
+            if (stop := self.stopped(step, output)) is not None:
+                return None, GateReport(gate=gate, status="error"), stop
             if not output["ok"]:
                 return None, GateReport(gate=gate, status="error"), self.fail(step, output["error"])
             review = ReviewResult.model_validate(output["review"])
-            self.spend(review.agent.model_dump())
+            self.spend(review.agent.model_dump(), "agent")
+            if (stop := self.stopped(step, output)) is not None:
+                return None, GateReport(gate=gate, status="error"), stop
             if review.verdict == "passed":
                 return None, GateReport(gate=gate, status="passed"), None
             if review.verdict == "inconclusive":
@@ -595,9 +726,13 @@ class _Flow:
 
         call = _lint_step if gate is Gate.LINT else _test_step
         output = await _announced(step, call(self.raw, prepared))
+        if (stop := self.stopped(step, output)) is not None:
+            return None, GateReport(gate=gate, status="error"), stop
         if not output["ok"]:
             return None, GateReport(gate=gate, status="error"), self.fail(step, output["error"])
-        check = CheckResult.model_validate(output["check"])
+        check = self.checked(output, gate.value)
+        if (stop := self.stopped(step, output)) is not None:
+            return None, GateReport(gate=gate, status="error"), stop
         if check.status == "error":
             return (
                 None,
@@ -608,6 +743,10 @@ class _Flow:
             return None, GateReport(gate=gate, status=check.status, detail=check.reason), None
         if gate not in baselines:
             base = await _announced(StepName.BASELINE, _baseline_step(self.raw, prepared, gate.value))
+            if base["ok"]:
+                self.checked(base, f"{gate.value} baseline")
+            if (stop := self.stopped(StepName.BASELINE, base)) is not None:
+                return None, GateReport(gate=gate, status="error"), stop
             if not base["ok"]:
                 return (
                     None,
@@ -633,6 +772,8 @@ class _Flow:
             self.result.removal_hint = _active().parts.workspace.removal_hint(_active()._worktree(prepared))
             return self.result
         committed = await _announced(StepName.COMMIT, _commit_step(self.raw, prepared))
+        if (stop := self.stopped(StepName.COMMIT, committed)) is not None:
+            return stop
         if not committed["ok"]:
             return self.fail(StepName.COMMIT, committed["error"])
         self.result.files = committed["files"]
@@ -644,7 +785,11 @@ class _Flow:
             self.result.reason = "nothing to commit after the checks"
             return self.result
         self.result.commit = committed["sha"]
-        pushed = await _announced(StepName.PUSH, _push_step(self.raw, prepared))
+        pushed = await _announced(
+            StepName.PUSH, _push_step(self.raw, prepared, self.result.model_dump(mode="json"))
+        )
+        if (stop := self.stopped(StepName.PUSH, pushed)) is not None:
+            return stop
         if not pushed["ok"]:
             return self.fail(StepName.PUSH, pushed["error"])
         if not self.run.options.open_pr:
@@ -965,6 +1110,7 @@ _DBOS_STATUS_FOR = {
 }
 _FINAL_STATES = {
     RunState.PR_OPENED, RunState.PUSHED, RunState.NO_CHANGES, RunState.DRY_RUN, RunState.FAILED,
+    RunState.QUARANTINED,
 }  # fmt: skip
 
 

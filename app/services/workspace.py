@@ -437,10 +437,8 @@ class Workspace:
     def _place_of(self, wt: Worktree) -> TicketPlace:
         """Like _place_of_record, and the worktree must exist."""
         place = self._place_of_record(wt)
-        marker = place.worktree / ".git"
-        if os.path.lexists(marker) and (marker.is_symlink() or not marker.is_file()):
-            raise SandboxTampered(f"the worktree of {place.key} was tampered with: .git is not a file")
-        if not marker.is_file():
+        _refuse_a_replaced_marker(place)
+        if not (place.worktree / ".git").is_file():
             raise WorkspaceError(f"the worktree of {place.key} is missing: {place.worktree}")
         return place
 
@@ -470,9 +468,8 @@ class Workspace:
             await self._git(["worktree", "prune"])
             registered = await self._registered()
             mine = registered.get(place.worktree)
-            marker = place.worktree / ".git"
-            if mine is not None and os.path.lexists(marker) and (marker.is_symlink() or not marker.is_file()):
-                raise SandboxTampered(f"the worktree of {place.key} was tampered with: .git is not a file")
+            if mine is not None:
+                _refuse_a_replaced_marker(place)
             if (
                 mine is not None
                 and mine.branch == f"refs/heads/{place.branch}"
@@ -1134,6 +1131,13 @@ class Workspace:
     def _touch(path: Path) -> None:
         with contextlib.suppress(OSError):
             os.utime(path)
+
+
+def _refuse_a_replaced_marker(place: TicketPlace) -> None:
+    """A worktree whose .git is there but is no longer a plain file was rewritten from the sandbox."""
+    marker = place.worktree / ".git"
+    if os.path.lexists(marker) and (marker.is_symlink() or not marker.is_file()):
+        raise SandboxTampered(f"the worktree of {place.key} was tampered with: .git is not a file")
 
 
 def origin_url(config: WorkspaceConfig) -> str:

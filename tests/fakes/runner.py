@@ -27,6 +27,10 @@ class RecordingRunner:
             self.submitted.append((ticket, delivery_id))
             return Submission(run_id=run_id)
 
+    async def list_runs(self, **filters: object) -> list[object]:
+        """No run records are kept: the runs API answers with an empty list."""
+        return []
+
     def factory(self):  # type: ignore[no-untyped-def]
         """A runner_factory for create_app that hands out this instance."""
 
