@@ -10,6 +10,7 @@ process when its first one exits, and the child also leaves as soon as its paren
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -52,10 +53,8 @@ def _pump(source: socket.socket, target: socket.socket) -> None:
     except OSError:
         pass
     finally:
-        try:
+        with contextlib.suppress(OSError):
             target.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
 
 def _relay(client: socket.socket, path: str) -> None:
@@ -126,7 +125,7 @@ def main(args: Sequence[str]) -> int:
     for listener in listeners:
         listener.close()
     try:
-        os.execvp(command[0], command)
+        os.execvp(command[0], command)  # noqa: S606 - the sandboxed command, as given
     except OSError as exc:
         print(f"bridge: cannot run {command[0]}: {exc}", file=sys.stderr)
         return 127
