@@ -37,7 +37,7 @@ WEBHOOK_SECRET = "pipeline-webhook-secret-0123456789"
 API_TOKEN = "pipeline-api-token-0123456789"
 GITHUB_TOKEN = "ghe_pipeline_token_0123456789"
 GITHUB_REPO = "acme/widgets"
-FINAL_STATES = ("pr_opened", "pushed", "no_changes", "dry_run", "failed", "cancelled")
+FINAL_STATES = ("pr_opened", "pushed", "no_changes", "dry_run", "failed", "cancelled", "quarantined")
 
 
 def ticket_body(key: str = DEMO_TICKET.key, summary: str = DEMO_TICKET.summary) -> dict[str, Any]:

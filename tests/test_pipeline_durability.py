@@ -279,7 +279,7 @@ def test_the_workflow_step_names_and_version_are_pinned() -> None:
         "drain (see the docstring of app/services/runner.py), then update this test."
     )
     assert [step.value for step in StepName] == [
-        "prepare_workspace", "implement", "review", "lint", "test", "baseline", "fix",
+        "prepare_workspace", "setup", "implement", "review", "lint", "test", "baseline", "fix",
         "commit", "push", "open_pr", "report",
     ], message  # fmt: skip
     assert (runner.WORKFLOW_NAME, runner.WORKFLOW_VERSION) == ("ticket_run", "1"), message
@@ -288,6 +288,7 @@ def test_the_workflow_step_names_and_version_are_pinned() -> None:
     registered: dict[Any, str] = {
         runner._ticket_run: runner.WORKFLOW_NAME,
         runner._prepare_step: StepName.PREPARE_WORKSPACE,
+        runner._setup_step: StepName.SETUP,
         runner._implement_step: StepName.IMPLEMENT,
         runner._review_step: StepName.REVIEW,
         runner._lint_step: StepName.LINT,
