@@ -88,6 +88,10 @@ def test_cancel_during_implement_stops_the_agent_and_retry_succeeds_on_the_same_
         run_id = service.post_ticket(ticket_body())["run_id"]
         service.wait_for_step(run_id, "implement")
         pid = agent_pid(stack, run_id)
+        # The fenced CLI starts behind bwrap and the bridge: cancel once it is talking to the model.
+        deadline = time.monotonic() + 30
+        while not stack.model.message_requests and time.monotonic() < deadline:
+            time.sleep(0.2)
         time.sleep(0.5)
 
         started = time.monotonic()
