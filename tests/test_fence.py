@@ -115,8 +115,6 @@ def test_no_route_out_no_dns_and_no_host_listener_or_socket(tmp_path: Path) -> N
     assert all(result.startswith("failed") for result in seen.values()), seen
     assert "Errno" in seen[f"tcp 127.0.0.1:{port}"]
     assert enclosure.fenced and enclosure.network == []
-    if os.environ.get("CI"):
-        assert postgres, "PostgreSQL's Unix socket was expected on this machine"
 
 
 def test_a_socket_whose_directory_must_stay_visible_is_masked_itself(tmp_path: Path) -> None:
