@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     check_timeout: Duration = timedelta(minutes=15)
     run_timeout: Duration = timedelta(hours=2)
     max_concurrent_tickets: int = Field(2, ge=1)
+    replica_concurrency: int | None = Field(None, ge=1)
     queue_poll_interval: Duration = timedelta(seconds=1)
     database_url: SecretStr | None = None
     replica_id: str = "local"

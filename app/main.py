@@ -253,6 +253,7 @@ async def _runner(
                 executor_id=settings.replica_id,
                 options=pipeline_options(settings, open_pr=forge is not None),
                 max_concurrent=settings.max_concurrent_tickets,
+                replica_concurrency=settings.replica_concurrency,
                 run_timeout=settings.run_timeout.total_seconds(),
                 polling_interval=settings.queue_poll_interval.total_seconds(),
                 retention_days=settings.run_retention_days,

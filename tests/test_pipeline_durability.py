@@ -250,7 +250,13 @@ def postgres_url() -> Iterator[str]:
 @pytest.mark.postgres
 def test_two_replicas_share_the_queue_within_the_global_limit(tmp_path: Path, postgres_url: str) -> None:
     keys = [f"SHOP-{number}" for number in range(1, 7)]
-    settings = {**NO_GATES, "MAX_CONCURRENT_TICKETS": "2", "DATABASE_URL": postgres_url}
+    # Each replica may hold one run, so reaching the global limit of two needs both of them.
+    settings = {
+        **NO_GATES,
+        "MAX_CONCURRENT_TICKETS": "2",
+        "REPLICA_CONCURRENCY": "1",
+        "DATABASE_URL": postgres_url,
+    }
     with Stack(tmp_path, [_one_file_implementation()], settings=settings) as stack:
         replicas = [
             stack.service(REPLICA_ID=name, WORKSPACE_DIR=str(tmp_path / f"workspace-{name}"))

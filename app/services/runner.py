@@ -849,6 +849,7 @@ class RunnerConfig:
     executor_id: str
     options: PipelineOptions
     max_concurrent: int = 2
+    replica_concurrency: int | None = None
     run_timeout: float = 7200
     polling_interval: float = 1.0
     app_version: str = WORKFLOW_VERSION
@@ -893,6 +894,7 @@ class Runner:
         self._queue = await DBOS.register_queue_async(
             QUEUE_NAME,
             global_concurrency=self.config.max_concurrent,
+            worker_concurrency=self.config.replica_concurrency,
             polling_interval_sec=self.config.polling_interval,
         )
         self._housekeeping = asyncio.create_task(self._housekeeping_loop())
