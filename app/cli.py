@@ -111,7 +111,7 @@ def format_run(run: dict[str, Any]) -> str:
             f"up {record.get('bytes_up', 0)} B, down {record.get('bytes_down', 0)} B"
         )
     for line in result.get("evidence") or []:
-        lines.append(f"decoy    {line}")
+        lines.append(f"evidence {line}")
     lines.append("steps:")
     for step in run.get("steps", []):
         seconds = f"{step['seconds']:.1f}s" if step.get("seconds") is not None else "..."

@@ -132,6 +132,18 @@ class Service:
         answer["http_status"] = response.status_code
         return answer
 
+    def cli(self, *args: str, token: str = API_TOKEN) -> subprocess.CompletedProcess[str]:
+        """`auto-code runs ...` against this service, as an operator would type it."""
+        env = {"PATH": os.environ["PATH"], "API_TOKEN": token, "PYTHONPATH": self.env["PYTHONPATH"]}
+        return subprocess.run(
+            [sys.executable, "-m", "app", "runs", args[0], "--url", self.url, *args[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {API_TOKEN}"}
         return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kwargs)

@@ -49,6 +49,10 @@ def test_demo_from_a_fresh_clone_offline_without_keys(tmp_path: Path) -> None:
     assert "ruff check ." in output and "python -m pytest -q" in output
     assert "Gates: review passed, lint passed, test passed" in output
     assert "Branch: ticket/shop-1 at " in output
+    # The network record of the run: fenced where bubblewrap can make namespaces (required under CI).
+    fenced = "Network: fenced; 0 requests through the egress proxy" in output
+    assert fenced or "Network: UNFENCED" in output, output[-3000:]
+    assert fenced or os.environ.get("CI", "").lower() not in ("1", "true", "yes"), "CI runs the demo fenced"
     progress = done.stdout.split("steps as they finish:")[1].split("Outcome:")[0]
     steps = [line.split()[0] for line in progress.splitlines() if line.strip()]
     assert steps.count("fix") == 2 and steps[-1] == "report"

@@ -92,6 +92,28 @@ def test_a_failure_says_which_step_and_why(jira: FakeJira) -> None:
     assert "failed" in body and "Failed at: test" in body and "tests/test_x.py::test_y" in body
 
 
+def test_a_quarantined_run_says_why_with_the_evidence_and_the_network_record(jira: FakeJira) -> None:
+    denied = {"phase": "agent", "method": "CONNECT", "host": "evil.test", "port": 443, "allowed": False}
+    result = RunResult(
+        run_id="r", ticket="PROJ-7", state=RunState.QUARANTINED, failed_step=StepName.COMMIT,
+        reason="quarantined at commit: a decoy credential is in the change; nothing was committed",
+        evidence=["the file notes.txt: GITHUB_TOKEN"], fenced=True,
+        network=[{**denied, "rule": "not in the agent allowlist"}],
+    )  # fmt: skip
+    report(jira, result)
+    body = jira.posts[0]["body"]["body"]
+    assert "auto-code run r: quarantined" in body and "Failed at: commit" in body
+    assert "Reason: quarantined at commit: a decoy credential" in body
+    assert "Evidence: the file notes.txt: GITHUB_TOKEN" in body
+    assert "Network: fenced; 0 requests" in body
+    assert "1 connection denied: evil.test:443 (not in the agent allowlist, agent)" in body
+
+
+def test_an_unfenced_run_says_so_on_the_ticket(jira: FakeJira) -> None:
+    report(jira, RunResult(run_id="r", ticket="PROJ-7", state=RunState.NO_CHANGES, fenced=False))
+    assert "Network: UNFENCED" in jira.posts[0]["body"]["body"]
+
+
 def test_jira_refusing_the_comment_raises_for_the_caller_to_log(jira: FakeJira) -> None:
     jira.status = 400
     with pytest.raises(RuntimeError, match="Jira answered 400"):

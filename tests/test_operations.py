@@ -5,10 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,7 +13,7 @@ import pytest
 
 from app.demo.model_server import Script, ToolCall, Turn
 from app.demo.sample import IMPLEMENT_TRIGGER, demo_scripts
-from tests.pipeline import API_TOKEN, Service, Stack, session_of, ticket_body
+from tests.pipeline import Stack, session_of, ticket_body
 
 pytestmark = pytest.mark.e2e
 
@@ -119,23 +116,6 @@ def test_cancel_during_implement_stops_the_agent_and_retry_succeeds_on_the_same_
         assert len(stack.github.pulls) == 1
 
 
-def cli_runner(service: Service) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """`auto-code runs ...` against the running service, as an operator would type it."""
-
-    def run(*args: str, token: str = API_TOKEN) -> subprocess.CompletedProcess[str]:
-        env = {"PATH": os.environ["PATH"], "API_TOKEN": token, "PYTHONPATH": service.env["PYTHONPATH"]}
-        return subprocess.run(
-            [sys.executable, "-m", "app", "runs", args[0], "--url", service.url, *args[1:]],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    return run
-
-
 def test_runs_api_shows_steps_while_running_and_after(tmp_path: Path) -> None:
     with Stack(tmp_path, slow_implementation(3), settings={"RUN_REVIEW": "false"}) as stack:
         service = stack.service()
@@ -154,7 +134,7 @@ def test_runs_api_shows_steps_while_running_and_after(tmp_path: Path) -> None:
         assert done["state"] == "pr_opened"
         assert all(step["ended_at"] and step["summary"] for step in done["steps"])
         assert done["cost_usd"] > 0 and done["turns"] > 0 and done["pr_url"]
-        cli = cli_runner(service)
+        cli = service.cli
         listing = cli("list", "--ticket", "SHOP-1")
         assert listing.returncode == 0 and run_id in listing.stdout and "pr_opened" in listing.stdout
         shown = cli("show", run_id)

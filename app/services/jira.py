@@ -609,7 +609,7 @@ def comment_text(result: RunResult) -> str:
     if result.summary:
         lines.append(f"\nWhat the agent did:\n{result.summary}")
     if result.evidence:
-        lines.append("Decoy credentials seen: " + "; ".join(result.evidence))
+        lines.append("Evidence: " + "; ".join(result.evidence))
     lines.append(f"\nTurns: {result.turns}, cost: ${result.cost_usd:.2f}")
     if result.network_summary():
         lines.append(result.network_summary())

@@ -442,7 +442,8 @@ async def _guarded(step: StepName, call: Awaitable[dict[str, Any]], run: RunInpu
     try:
         output = await call
     except SandboxTampered as exc:
-        output = _err(str(exc), quarantine=[f"{step.value}: {exc}"])
+        why = "code run in the sandbox rewrote the worktree's git files; the service's git refused them"
+        output = _err(why, quarantine=[str(exc)])
     except AutoCodeError as exc:
         output = _err(str(exc))
     output["seconds"] = round(time.monotonic() - started, 3)
@@ -592,22 +593,22 @@ class _Flow:
         self.result.reason = reason
         return self.result
 
-    def quarantine(self, step: StepName, evidence: Sequence[str] = ()) -> RunResult:
+    def quarantine(self, step: StepName, evidence: Sequence[str] = (), why: str = "") -> RunResult:
         """End the run quarantined: nothing more leaves, the worktree stays as evidence."""
         self.result.evidence.extend(line for line in evidence if line not in self.result.evidence)
         self.result.state = RunState.QUARANTINED
         self.result.failed_step = step
+        why = why or "a decoy credential left the sandbox"
         self.result.reason = (
-            "quarantined: "
-            + "; ".join(self.result.evidence)
-            + ". Nothing was pushed; the worktree is kept for inspection."
+            f"quarantined at {step.value}: {why} ({'; '.join(self.result.evidence)})."
+            " Nothing was pushed; the worktree is kept for inspection."
         )
         return self.result
 
     def stopped(self, step: StepName, output: dict[str, Any]) -> RunResult | None:
         """The run's end when this step's output quarantines it or a decoy was seen; else None."""
         if output.get("quarantine"):
-            return self.quarantine(step, output["quarantine"])
+            return self.quarantine(step, output["quarantine"], output.get("summary", ""))
         if self.result.evidence:
             return self.quarantine(step)
         return None
