@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     egress_allow_ports: StrList = Field(default_factory=lambda: ["80", "443"])
     # Networks a listed name may resolve into although they are not public (an internal mirror).
     egress_trusted_nets: StrList = Field(default_factory=list)
+    egress_tls_intercept: bool = False
 
     # --- pipeline ------------------------------------------------------------------------------
     dry_run: bool = False

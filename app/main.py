@@ -174,6 +174,7 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
             cache_dir=service_dir / "cache",
             key=load_key(service_dir / "canary-key"),
             policies=egress_policies(settings),
+            intercept_tls=settings.egress_tls_intercept,
         )
         async with model as proxy:
             fence = Fence(isolation, fence_config, model=proxy)

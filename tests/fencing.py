@@ -8,6 +8,7 @@ import http.server
 import os
 import socket
 import socketserver
+import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -52,6 +53,7 @@ def make_fence(
     names: Mapping[str, Sequence[str]] | None = None,
     model: ModelListener | None = None,
     fenced: bool = True,
+    intercept_tls: bool = False,
 ) -> Fence:
     """A fence over `root`/workspace, its bridges in a short temp dir (socket paths stay under 108 bytes)."""
     workspace = root / "workspace"
@@ -66,6 +68,7 @@ def make_fence(
         cache_dir=workspace / ".auto-code" / "cache",
         key=b"k" * 32,
         policies=policies or {},
+        intercept_tls=intercept_tls,
     )
     return Fence(isolation, config, egress=EgressProxy(resolve=resolver(names or {})), model=model)
 
@@ -105,8 +108,11 @@ class HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 @contextlib.contextmanager
-def http_server() -> Iterator[HttpServer]:
+def http_server(tls: ssl.SSLContext | None = None) -> Iterator[HttpServer]:
+    """The stand-in registry, over HTTPS when given a server context."""
     server = HttpServer()
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

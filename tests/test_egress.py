@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import stat
 import tempfile
 import time
@@ -89,8 +90,8 @@ class Origin:
             self.closed += 1
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[Origin]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def running(self, tls: ssl.SSLContext | None = None) -> AsyncIterator[Origin]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
         self.port = server.sockets[0].getsockname()[1]
         try:
             yield self

