@@ -92,7 +92,8 @@ def test_inside_a_sandbox_without_a_network_the_bridge_is_the_way_out(echo_socke
     folder = str(echo_socket.parent)
     sandbox = [
         "bwrap", "--die-with-parent", "--unshare-net", "--unshare-pid", "--ro-bind", "/", "/",
-        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--ro-bind", folder, folder, "--",
+        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--ro-bind", folder, folder,
+        "--ro-bind", sys.prefix, sys.prefix, "--",  # the interpreter, where a checkout under /tmp keeps it
     ]  # fmt: skip
     through = subprocess.run(
         [*sandbox, *bridge.argv(sys.executable, {port: echo_socket}, client(port))],
