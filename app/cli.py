@@ -15,8 +15,8 @@ import uvicorn
 
 from app.config import Settings, load_settings
 from app.errors import ConfigError
-from app.isolation.fence import network_line
 from app.logger import configure_logging, get_logger
+from app.models import network_line
 
 log = get_logger(__name__)
 

@@ -20,23 +20,23 @@ from fastapi.responses import JSONResponse
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 
-from app.api.dependencies import TicketRunner
-from app.api.security import client_ip
+from app.agent.claude_code import AgentConfig, ClaudeCode
+from app.agent.model_proxy import ModelProxy
 from app.config import Settings
 from app.errors import RunConflict, RunNotFound
+from app.integrations import github
+from app.integrations.jira import JiraReporter, LogReporter
 from app.isolation import sandbox
 from app.isolation.egress import EgressPolicy
 from app.isolation.fence import AGENT, CHECKS, SETUP, Fence, FenceConfig, load_key
 from app.logger import get_logger, register_secrets
-from app.models import PipelineOptions, Ticket
-from app.routes import health, jira, runs
-from app.services import github
-from app.services.checks import Checks, ChecksConfig
-from app.services.claude_code import AgentConfig, ClaudeCode
-from app.services.jira import JiraReporter, LogReporter
-from app.services.model_proxy import ModelProxy
-from app.services.runner import Collaborators, ReporterPort, Runner, RunnerConfig, RunResult
-from app.services.workspace import Workspace, WorkspaceConfig
+from app.models import PipelineOptions, RunResult, Ticket
+from app.pipeline.checks import Checks, ChecksConfig
+from app.pipeline.runner import Collaborators, ReporterPort, Runner, RunnerConfig
+from app.web import health, jira, runs
+from app.web.dependencies import TicketRunner
+from app.web.security import client_ip
+from app.workspace.worktrees import Workspace, WorkspaceConfig
 
 log = get_logger(__name__)
 

@@ -158,3 +158,80 @@ class CheckResult(BaseModel):
     network: list[dict[str, Any]] = Field(default_factory=list)
     canaries: list[str] = Field(default_factory=list)
     fenced: bool = False
+
+
+# --- how a run ended, as the ticket, the PR, the CLI and the API show it ------------------------------
+
+
+def network_line(records: list[dict[str, Any]], fenced: bool | None) -> str:
+    """One line for a person: was the run fenced, how many requests went out, which were denied."""
+    if fenced is None:
+        return ""
+    if not fenced:
+        return "Network: UNFENCED (no network namespace here): code the agent ran could reach any host"
+    allowed = sum(1 for record in records if record.get("allowed"))
+    hosts = sorted({f"{r.get('host')}:{r.get('port')}" for r in records if r.get("allowed")})
+    line = f"Network: fenced; {allowed} request{'s' if allowed != 1 else ''} through the egress proxy"
+    line += f" ({', '.join(hosts[:5])})" if hosts else ""
+    denied = denied_summary(records)
+    return f"{line}; {denied}" if denied else line
+
+
+def denied_summary(records: list[dict[str, Any]], limit: int = 5) -> str:
+    """ "3 connections denied: host:port (rule), ..." or "" when none was."""
+    denied = [record for record in records if not record.get("allowed")]
+    if not denied:
+        return ""
+    seen = list(
+        dict.fromkeys(f"{r.get('host')}:{r.get('port')} ({r.get('rule')}, {r.get('phase')})" for r in denied)
+    )
+    more = f", and {len(seen) - limit} more" if len(seen) > limit else ""
+    noun = "connection" if len(denied) == 1 else "connections"
+    return f"{len(denied)} {noun} denied: {', '.join(seen[:limit])}{more}"
+
+
+class GateReport(BaseModel):
+    """The last result of one gate, as the PR body and the run record show it."""
+
+    gate: Gate
+    status: str
+    detail: str = ""
+    rounds: int = 0
+    preexisting: str = ""
+
+
+class RunResult(BaseModel):
+    """How a run ended: the state and everything a person needs to see about it."""
+
+    run_id: str
+    ticket: str
+    state: RunState
+    reason: str = ""
+    failed_step: StepName | None = None
+    session_id: str | None = None
+    branch: str | None = None
+    base_branch: str | None = None
+    worktree: str | None = None
+    removal_hint: str | None = None
+    pr_url: str | None = None
+    commit: str | None = None
+    files: list[str] = Field(default_factory=list)
+    insertions: int = 0
+    deletions: int = 0
+    skipped_files: list[str] = Field(default_factory=list)
+    summary: str = ""
+    review_findings: list[str] = Field(default_factory=list)
+    gates: list[GateReport] = Field(default_factory=list)
+    turns: int = 0
+    cost_usd: float = 0.0
+    denials: list[str] = Field(default_factory=list)
+    # Every request the run's sandboxes made through the egress proxy; fenced: they had no other way out.
+    network: list[dict[str, Any]] = Field(default_factory=list)
+    fenced: bool | None = None
+    # Where a decoy credential was seen ("egress proxy, test phase: aws secret access key", ...).
+    evidence: list[str] = Field(default_factory=list)
+    retry_of: str | None = None
+
+    def network_summary(self) -> str:
+        """One line: fenced or not, the requests made, the connections denied ("" before any phase ran)."""
+        return network_line(self.network, self.fenced)

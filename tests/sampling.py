@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
-from app.services.claude_code import bundled_cli
+from app.agent.claude_code import bundled_cli
 
 PROC = Path("/proc")
 

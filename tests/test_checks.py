@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.models import CheckResult, Gate
-from app.services.checks import Checks, ChecksConfig, detect_command, failure_fingerprints, new_failures
+from app.pipeline.checks import Checks, ChecksConfig, detect_command, failure_fingerprints, new_failures
 from tests.fencing import make_fence, need_bwrap
 
 ENV = {"PATH": os.environ["PATH"]}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from app.agent.claude_code import AgentConfig, ClaudeCode, parse_review
 from app.demo.model_server import HttpError, Script, ScriptedModelServer, Stall, ToolCall, Turn
 from app.models import AgentResult, Ticket
-from app.services.claude_code import AgentConfig, ClaudeCode, parse_review
 from tests.fencing import TcpRelay, make_fence
 
 pytestmark = pytest.mark.e2e

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import trustme
 
+from app import proc
 from app.isolation import sandbox
 from app.isolation.egress import EgressPolicy
 from app.isolation.fence import AGENT, CHECKS, SETUP, Fence
 from app.isolation.tls import CA_FILE_VARIABLES
-from app.services import proc
 from tests.fencing import http_server, make_fence, need_bwrap, tcp_listener
 
 PROBE = r"""

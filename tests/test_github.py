@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.errors import GitHubError
-from app.services.github import (
+from app.integrations.github import (
     GateReport,
     GitHub,
     GitHubConfig,

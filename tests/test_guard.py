@@ -21,9 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tree_sitter import Parser
 
-from app.demo.model_server import Script, ScriptedModelServer, ToolCall, Turn
-from app.errors import ConfigError
-from app.services.guard import (
+from app.agent.guard import (
     ALWAYS_DENIED_COMMANDS,
     DEFAULT_ALLOWED_COMMANDS,
     AgentPolicy,
@@ -35,6 +33,8 @@ from app.services.guard import (
     is_denied_env_name,
     pre_tool_use_hook,
 )
+from app.demo.model_server import Script, ScriptedModelServer, ToolCall, Turn
+from app.errors import ConfigError
 from tests.agent_env import agent_env
 
 

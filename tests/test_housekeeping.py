@@ -15,7 +15,7 @@ from app.demo.sample import DEMO_TICKET, create_origin, demo_scripts
 from app.errors import RunConflict
 from app.main import default_runner
 from app.models import RunState
-from app.services.runner import Runner
+from app.pipeline.runner import Runner
 
 pytestmark = pytest.mark.e2e
 DAY = 86400

@@ -1,4 +1,4 @@
-"""Every shape of Jira webhook body, ADF conversion, trigger rules and validation of app.services.jira."""
+"""Every shape of Jira webhook body, ADF conversion, trigger rules and validation of app.integrations.jira."""
 
 from __future__ import annotations
 
@@ -12,15 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.errors import InvalidTicket
-from app.services.jira import (
-    MAX_ADF_DEPTH,
+from app.intake.adf import MAX_ADF_DEPTH, adf_to_text, description_text
+from app.intake.jira import (
     MAX_DESCRIPTION_CHARS,
     MAX_SUMMARY_CHARS,
     Accepted,
     Ignored,
     TriggerRules,
-    adf_to_text,
-    description_text,
     interpret,
 )
 

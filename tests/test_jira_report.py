@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.models import RunState, StepName, Ticket
-from app.services.jira import JiraReporter, comment_text
-from app.services.runner import RunResult
+from app.integrations.jira import JiraReporter, comment_text
+from app.models import RunResult, RunState, StepName, Ticket
 
 TICKET = Ticket(key="PROJ-7", summary="Add a thing", project="PROJ")
 

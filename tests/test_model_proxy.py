@@ -15,8 +15,8 @@ import httpx
 import pytest
 from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKError, ResultMessage, query
 
+from app.agent.model_proxy import MAX_BODY_BYTES, MAX_HEAD_BYTES, ModelProxy
 from app.demo.model_server import Hang, Script, ScriptedModelServer, Stall, ToolCall, Turn
-from app.services.model_proxy import MAX_BODY_BYTES, MAX_HEAD_BYTES, ModelProxy
 from tests.agent_env import agent_env
 from tests.servers import free_port
 

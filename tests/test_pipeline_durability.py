@@ -17,7 +17,7 @@ import pytest
 from app.demo.model_server import Script, ToolCall, Turn
 from app.demo.sample import IMPLEMENT_TRIGGER
 from app.models import StepName
-from app.services import runner
+from app.pipeline import runner
 from tests.conftest import in_ci
 from tests.pipeline import (
     Service,
@@ -282,7 +282,7 @@ def test_the_workflow_step_names_and_version_are_pinned() -> None:
     message = (
         "The step names, their order and the workflow name are part of every recorded run: a run in "
         "flight fails on recovery when they change. Change them only with a WORKFLOW_VERSION bump and a "
-        "drain (see the docstring of app/services/runner.py), then update this test."
+        "drain (see the docstring of app/pipeline/runner.py), then update this test."
     )
     assert [step.value for step in StepName] == [
         "prepare_workspace", "setup", "implement", "review", "lint", "test", "baseline", "fix",

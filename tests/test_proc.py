@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from app import proc
 from app.errors import CommandError, CommandTimeout
 from app.logger import register_secrets
-from app.services import proc
 
 ENV = {"PATH": os.environ["PATH"]}
 

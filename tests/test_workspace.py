@@ -22,7 +22,7 @@ import pytest
 
 from app.errors import CommandError, PushRejected, SandboxTampered, WorkspaceError
 from app.models import Ticket
-from app.services.workspace import (
+from app.workspace.worktrees import (
     Changes,
     TicketPlace,
     Workspace,
@@ -633,7 +633,7 @@ def test_the_token_is_in_no_argv_file_or_log_line(
     askpass = ws.root / ".auto-code" / "askpass"
     assert askpass.stat().st_mode & 0o777 == 0o700
 
-    assert any(record.name == "app.services.workspace" for record in caplog.records)
+    assert any(record.name == "app.workspace.worktrees" for record in caplog.records)
     for record in caplog.records:
         assert token not in record.getMessage() and token not in repr(vars(record))
 

@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from app import proc
 from app.config import Settings
 from app.demo.model_server import ScriptedModelServer
 from app.demo.sample import DEMO_TICKET, create_origin, demo_scripts
 from app.logger import configure_logging
 from app.main import default_runner
 from app.models import RunState
-from app.services import proc
-from app.services.runner import Runner, RunRecord
+from app.pipeline.runner import Runner, RunRecord
 
 DEMO_TIMEOUT = 600
 FINAL = {

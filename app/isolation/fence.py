@@ -210,30 +210,3 @@ class Fence:
                 yield Enclosure(prefix=prefix, env=env, fenced=True, channel=channel)
         finally:
             shutil.rmtree(bridges, ignore_errors=True)
-
-
-def network_line(records: list[dict[str, Any]], fenced: bool | None) -> str:
-    """One line for a person: was the run fenced, how many requests went out, which were denied."""
-    if fenced is None:
-        return ""
-    if not fenced:
-        return "Network: UNFENCED (no network namespace here): code the agent ran could reach any host"
-    allowed = sum(1 for record in records if record.get("allowed"))
-    hosts = sorted({f"{r.get('host')}:{r.get('port')}" for r in records if r.get("allowed")})
-    line = f"Network: fenced; {allowed} request{'s' if allowed != 1 else ''} through the egress proxy"
-    line += f" ({', '.join(hosts[:5])})" if hosts else ""
-    denied = denied_summary(records)
-    return f"{line}; {denied}" if denied else line
-
-
-def denied_summary(records: list[dict[str, Any]], limit: int = 5) -> str:
-    """ "3 connections denied: host:port (rule), ..." or "" when none was."""
-    denied = [record for record in records if not record.get("allowed")]
-    if not denied:
-        return ""
-    seen = list(
-        dict.fromkeys(f"{r.get('host')}:{r.get('port')} ({r.get('rule')}, {r.get('phase')})" for r in denied)
-    )
-    more = f", and {len(seen) - limit} more" if len(seen) > limit else ""
-    noun = "connection" if len(denied) == 1 else "connections"
-    return f"{len(denied)} {noun} denied: {', '.join(seen[:limit])}{more}"

@@ -32,20 +32,21 @@ from dbos._serialization import DBOSPortableJSON
 from pydantic import BaseModel, Field
 
 from app.errors import AutoCodeError, RunConflict, RunNotFound, SandboxTampered
-from app.isolation.fence import network_line
 from app.logger import get_logger
 from app.models import (
     AgentResult,
     CheckResult,
     Gate,
+    GateReport,
     PipelineOptions,
     ReviewResult,
+    RunResult,
     RunState,
     StepName,
     Submission,
     Ticket,
 )
-from app.services.checks import failure_fingerprints, new_failures
+from app.pipeline.checks import failure_fingerprints, new_failures
 
 log = get_logger(__name__)
 
@@ -179,53 +180,6 @@ class RunInput(BaseModel):
     deadline: float
     session_id: str | None = None
     retry_of: str | None = None
-
-
-class GateReport(BaseModel):
-    """The last result of one gate, as the PR body and the run record show it."""
-
-    gate: Gate
-    status: str
-    detail: str = ""
-    rounds: int = 0
-    preexisting: str = ""
-
-
-class RunResult(BaseModel):
-    """How a run ended: the state and everything a person needs to see about it."""
-
-    run_id: str
-    ticket: str
-    state: RunState
-    reason: str = ""
-    failed_step: StepName | None = None
-    session_id: str | None = None
-    branch: str | None = None
-    base_branch: str | None = None
-    worktree: str | None = None
-    removal_hint: str | None = None
-    pr_url: str | None = None
-    commit: str | None = None
-    files: list[str] = Field(default_factory=list)
-    insertions: int = 0
-    deletions: int = 0
-    skipped_files: list[str] = Field(default_factory=list)
-    summary: str = ""
-    review_findings: list[str] = Field(default_factory=list)
-    gates: list[GateReport] = Field(default_factory=list)
-    turns: int = 0
-    cost_usd: float = 0.0
-    denials: list[str] = Field(default_factory=list)
-    # Every request the run's sandboxes made through the egress proxy; fenced: they had no other way out.
-    network: list[dict[str, Any]] = Field(default_factory=list)
-    fenced: bool | None = None
-    # Where a decoy credential was seen ("egress proxy, test phase: aws secret access key", ...).
-    evidence: list[str] = Field(default_factory=list)
-    retry_of: str | None = None
-
-    def network_summary(self) -> str:
-        """One line: fenced or not, the requests made, the connections denied ("" before any phase ran)."""
-        return network_line(self.network, self.fenced)
 
 
 def _failure_list(result: CheckResult) -> str:

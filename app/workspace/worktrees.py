@@ -22,11 +22,11 @@ from urllib.parse import urlsplit
 
 import filelock
 
+from app import proc
+from app.agent.guard import is_ci_config_path
 from app.errors import CommandError, PushRejected, SandboxTampered, WorkspaceError
 from app.logger import get_logger
 from app.models import Ticket, normalise_key
-from app.services import proc
-from app.services.guard import is_ci_config_path
 
 log = get_logger(__name__)
 

@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app import proc
 from app.errors import CommandError, CommandTimeout
 from app.isolation.fence import CHECKS, SETUP, Fence
 from app.logger import get_logger
 from app.models import CheckResult, Gate
-from app.services import proc
 
 log = get_logger(__name__)
 

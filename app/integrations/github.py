@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from app import proc
 from app.errors import CommandError, GitHubError
 from app.logger import REDACTED, get_logger, redact
-from app.services import proc
 
 log = get_logger(__name__)
 

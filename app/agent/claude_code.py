@@ -38,11 +38,11 @@ from claude_agent_sdk import (
 )
 from claude_agent_sdk import ClaudeSDKError as SDKError
 
+from app.agent import prompts as ticket_prompts
+from app.agent.guard import AgentPolicy, PolicyConfig, agent_environment, hook_matchers
 from app.isolation.fence import AGENT, Enclosure, Fence
 from app.logger import get_logger
 from app.models import AgentOutcome, AgentResult, ReviewResult, ReviewVerdict, Ticket
-from app.prompts import ticket_prompts
-from app.services.guard import AgentPolicy, PolicyConfig, agent_environment, hook_matchers
 
 log = get_logger(__name__)
 

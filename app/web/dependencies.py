@@ -10,7 +10,7 @@ from app.config import Settings
 from app.models import RunState, Submission, Ticket
 
 if TYPE_CHECKING:
-    from app.services.runner import RunRecord
+    from app.pipeline.runner import RunRecord
 
 
 class TicketRunner(Protocol):

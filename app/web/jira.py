@@ -9,8 +9,11 @@ from typing import Any
 from fastapi import HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from app.api.dependencies import RunnerDep, SettingsDep
-from app.api.security import (
+from app.errors import InvalidTicket
+from app.intake.jira import Ignored, TriggerRules, interpret
+from app.logger import get_logger
+from app.web.dependencies import RunnerDep, SettingsDep
+from app.web.security import (
     SIGNATURE_HEADER,
     TOKEN_HEADER,
     declared_length_fits,
@@ -19,9 +22,6 @@ from app.api.security import (
     token_matches,
     unauthorized,
 )
-from app.errors import InvalidTicket
-from app.logger import get_logger
-from app.services.jira import Ignored, TriggerRules, interpret
 
 log = get_logger(__name__)
 

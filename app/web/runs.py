@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 
-from app.api.dependencies import RunsDep, SettingsDep
-from app.api.security import forwarding_header, token_matches
 from app.models import RunState
+from app.web.dependencies import RunsDep, SettingsDep
+from app.web.security import forwarding_header, token_matches
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
