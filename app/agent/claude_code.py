@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import re
 import shlex
@@ -144,6 +143,22 @@ class _Collected:
     denials: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Phase:
+    """One agent phase as the CLI is started for it: where, which session, what to say, its limits."""
+
+    phase: str
+    worktree: Path
+    session_id: str
+    resume: bool
+    prompt: Callable[[], str]
+    max_turns: int
+    budget_usd: float
+    deadline: float
+    run_id: str
+    read_only: bool
+
+
 class ClaudeCode:
     """Runs agent phases with the CLI, inside the policy, the scrubbed environment and the limits."""
 
@@ -180,20 +195,22 @@ class ClaudeCode:
         """Implement the ticket in the worktree; resumes the session if an earlier attempt stored it."""
         resuming = self.transcript_exists(session_id)
         return await self._phase(
-            "implement",
-            worktree,
-            session_id=session_id,
-            resume=resuming,
-            prompt=lambda: (
-                ticket_prompts.continue_prompt(ticket)
-                if resuming
-                else ticket_prompts.implement(ticket, worktree)
-            ),
-            max_turns=self.config.max_turns,
-            budget_usd=budget_usd,
-            deadline=deadline,
-            run_id=run_id,
-            read_only=False,
+            _Phase(
+                "implement",
+                worktree,
+                session_id=session_id,
+                resume=resuming,
+                prompt=lambda: (
+                    ticket_prompts.continue_prompt(ticket)
+                    if resuming
+                    else ticket_prompts.implement(ticket, worktree)
+                ),
+                max_turns=self.config.max_turns,
+                budget_usd=budget_usd,
+                deadline=deadline,
+                run_id=run_id,
+                read_only=False,
+            )
         )
 
     async def fix(
@@ -208,16 +225,18 @@ class ClaudeCode:
     ) -> AgentResult:
         """Resume the implementation session with review findings or check output to fix."""
         return await self._phase(
-            "fix",
-            worktree,
-            session_id=session_id,
-            resume=self.transcript_exists(session_id),
-            prompt=lambda: ticket_prompts.fix(feedback),
-            max_turns=self.config.max_turns,
-            budget_usd=budget_usd,
-            deadline=deadline,
-            run_id=run_id,
-            read_only=False,
+            _Phase(
+                "fix",
+                worktree,
+                session_id=session_id,
+                resume=self.transcript_exists(session_id),
+                prompt=lambda: ticket_prompts.fix(feedback),
+                max_turns=self.config.max_turns,
+                budget_usd=budget_usd,
+                deadline=deadline,
+                run_id=run_id,
+                read_only=False,
+            )
         )
 
     async def review(
@@ -225,16 +244,18 @@ class ClaudeCode:
     ) -> ReviewResult:
         """A fresh, read-only session reviews the uncommitted diff; no marker means inconclusive."""
         result = await self._phase(
-            "review",
-            worktree,
-            session_id=str(uuid.uuid4()),
-            resume=False,
-            prompt=lambda: ticket_prompts.review(ticket, diff),
-            max_turns=self.config.review_max_turns,
-            budget_usd=budget_usd,
-            deadline=deadline,
-            run_id=run_id,
-            read_only=True,
+            _Phase(
+                "review",
+                worktree,
+                session_id=str(uuid.uuid4()),
+                resume=False,
+                prompt=lambda: ticket_prompts.review(ticket, diff),
+                max_turns=self.config.review_max_turns,
+                budget_usd=budget_usd,
+                deadline=deadline,
+                run_id=run_id,
+                read_only=True,
+            )
         )
         if not result.ok:
             return ReviewResult(
@@ -273,20 +294,11 @@ class ClaudeCode:
         return launcher
 
     def _options(
-        self,
-        phase: str,
-        worktree: Path,
-        *,
-        session_id: str,
-        resume: bool,
-        max_turns: int,
-        budget_usd: float,
-        run_id: str,
-        read_only: bool,
-        denials: list[str],
-        token: str | None,
-        enclosure: Enclosure | None,
+        self, spec: _Phase, *, denials: list[str], token: str | None, enclosure: Enclosure | None
     ) -> ClaudeAgentOptions:
+        phase, worktree, session_id, run_id, read_only = (
+            spec.phase, spec.worktree, spec.session_id, spec.run_id, spec.read_only
+        )  # fmt: skip
         home = self.session_home(session_id)
         config_dir = home / ".claude"
         config_dir.mkdir(parents=True, exist_ok=True)
@@ -327,11 +339,11 @@ class ClaudeCode:
             cli_path=str(self._launcher(run_id, names, enclosure.prefix if enclosure else [])),
             env=env,
             model=self.config.model,
-            max_turns=max_turns,
-            max_budget_usd=budget_usd,
+            max_turns=spec.max_turns,
+            max_budget_usd=spec.budget_usd,
             permission_mode="default" if read_only else "acceptEdits",
-            resume=session_id if resume else None,
-            session_id=None if resume else session_id,
+            resume=session_id if spec.resume else None,
+            session_id=None if spec.resume else session_id,
             system_prompt={
                 "type": "preset",
                 "preset": "claude_code",
@@ -343,70 +355,30 @@ class ClaudeCode:
             hooks=hook_matchers(policy, on_denial),
         )
 
-    async def _phase(
-        self,
-        phase: str,
-        worktree: Path,
-        *,
-        session_id: str,
-        resume: bool,
-        prompt: Callable[[], str],
-        max_turns: int,
-        budget_usd: float,
-        deadline: float,
-        run_id: str,
-        read_only: bool,
-    ) -> AgentResult:
+    async def _phase(self, spec: _Phase) -> AgentResult:
         """One CLI session, fenced when a fence is configured: what it did and what its network saw."""
         fence = self.config.fence
-        session = functools.partial(
-            self._session,
-            phase,
-            worktree,
-            session_id=session_id,
-            resume=resume,
-            prompt=prompt,
-            max_turns=max_turns,
-            budget_usd=budget_usd,
-            deadline=deadline,
-            run_id=run_id,
-            read_only=read_only,
-        )
         if fence is None or self._cli is None or not self._cli.exists():
-            return await session(enclosure=None)
-        async with fence.enclose(
-            run_id, AGENT, worktree, self.session_home(session_id), model=True
-        ) as enclosure:
-            result = await session(enclosure=enclosure)
+            return await self._session(spec, enclosure=None)
+        home = self.session_home(spec.session_id)
+        async with fence.enclose(spec.run_id, AGENT, spec.worktree, home, model=True) as enclosure:
+            result = await self._session(spec, enclosure=enclosure)
         return result.model_copy(
             update={"network": enclosure.network, "canaries": enclosure.tripped, "fenced": enclosure.fenced}
         )
 
-    async def _session(
-        self,
-        phase: str,
-        worktree: Path,
-        *,
-        session_id: str,
-        resume: bool,
-        prompt: Callable[[], str],
-        max_turns: int,
-        budget_usd: float,
-        deadline: float,
-        run_id: str,
-        read_only: bool,
-        enclosure: Enclosure | None,
-    ) -> AgentResult:
+    async def _session(self, spec: _Phase, *, enclosure: Enclosure | None) -> AgentResult:
         """One CLI session: connect first (pre-warm), then build the prompt, then run it within the limits."""
+        phase, session_id, run_id = spec.phase, spec.session_id, spec.run_id
 
         def ended(outcome: AgentOutcome, reason: str, collected: _Collected | None = None) -> AgentResult:
             return self._result(session_id, outcome, reason, collected)
 
         if self._cli is None or not self._cli.exists():
             return ended("cli_missing", "the Claude Code CLI was not found (claude-agent-sdk ships it)")
-        if budget_usd <= 0:
+        if spec.budget_usd <= 0:
             return ended("budget", "the run's budget (MAX_BUDGET_USD) is spent")
-        timeout = min(self.config.phase_timeout, deadline - time.time())
+        timeout = min(self.config.phase_timeout, spec.deadline - time.time())
         if timeout <= 0:
             return ended("timeout", "the run's time (RUN_TIMEOUT) is up")
         collected = _Collected()
@@ -414,22 +386,12 @@ class ClaudeCode:
         token = access.issue() if access else None
         started = time.monotonic()
         try:
-            options = self._options(
-                phase,
-                worktree,
-                session_id=session_id,
-                resume=resume,
-                max_turns=max_turns,
-                budget_usd=budget_usd,
-                run_id=run_id,
-                read_only=read_only,
-                denials=collected.denials,
-                token=token,
-                enclosure=enclosure,
+            options = self._options(spec, denials=collected.denials, token=token, enclosure=enclosure)
+            log.info(
+                "agent phase started", run_id=run_id, phase=phase, session_id=session_id, resume=spec.resume
             )
-            log.info("agent phase started", run_id=run_id, phase=phase, session_id=session_id, resume=resume)
             async with asyncio.timeout(timeout), self._client(options, run_id) as client:
-                await client.query(prompt())
+                await client.query(spec.prompt())
                 async for message in client.receive_response():
                     self._collect(message, collected)
         except TimeoutError:
