@@ -32,7 +32,8 @@ from app.isolation.fence import AGENT, CHECKS, SETUP, Fence, FenceConfig, load_k
 from app.logger import get_logger, register_secrets
 from app.models import PipelineOptions, RunResult, Ticket
 from app.pipeline.checks import Checks, ChecksConfig
-from app.pipeline.runner import Collaborators, ReporterPort, Runner, RunnerConfig
+from app.pipeline.ports import Collaborators, ReporterPort
+from app.pipeline.runner import Runner, RunnerConfig
 from app.web import health, jira, runs
 from app.web.dependencies import TicketRunner
 from app.web.security import client_ip

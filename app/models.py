@@ -66,7 +66,7 @@ class RunState(StrEnum):
 
 
 class StepName(StrEnum):
-    """The pipeline's steps, in order. Renaming one changes the durable workflow: see runner.py."""
+    """The pipeline's steps, in order. Renaming one changes the durable workflow: see workflow.py."""
 
     PREPARE_WORKSPACE = "prepare_workspace"
     SETUP = "setup"

@@ -13,7 +13,8 @@ import pytest
 from app.demo.sample import DEMO_TICKET
 from app.isolation.canary import Canaries, seed
 from app.models import PipelineOptions, RunResult, RunState
-from app.pipeline.runner import Collaborators, Pipeline, RunInput
+from app.pipeline.ports import Collaborators
+from app.pipeline.steps import Pipeline, RunInput
 
 CANARIES = Canaries.from_seed("a fixed seed")
 SECRET = CANARIES.value("aws secret access key")

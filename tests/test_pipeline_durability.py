@@ -17,7 +17,7 @@ import pytest
 from app.demo.model_server import Script, ToolCall, Turn
 from app.demo.sample import IMPLEMENT_TRIGGER
 from app.models import StepName
-from app.pipeline import runner
+from app.pipeline import workflow
 from tests.conftest import in_ci
 from tests.pipeline import (
     Service,
@@ -282,29 +282,29 @@ def test_the_workflow_step_names_and_version_are_pinned() -> None:
     message = (
         "The step names, their order and the workflow name are part of every recorded run: a run in "
         "flight fails on recovery when they change. Change them only with a WORKFLOW_VERSION bump and a "
-        "drain (see the docstring of app/pipeline/runner.py), then update this test."
+        "drain (see the docstring of app/pipeline/workflow.py), then update this test."
     )
     assert [step.value for step in StepName] == [
         "prepare_workspace", "setup", "implement", "review", "lint", "test", "baseline", "fix",
         "commit", "push", "open_pr", "report",
     ], message  # fmt: skip
-    assert (runner.WORKFLOW_NAME, runner.WORKFLOW_VERSION) == ("ticket_run", "1"), message
-    assert runner.QUEUE_NAME == "tickets", message
+    assert (workflow.WORKFLOW_NAME, workflow.WORKFLOW_VERSION) == ("ticket_run", "1"), message
+    assert workflow.QUEUE_NAME == "tickets", message
     # Each DBOS step is recorded under its StepName value, the workflow under WORKFLOW_NAME.
     registered: dict[Any, str] = {
-        runner._ticket_run: runner.WORKFLOW_NAME,
-        runner._prepare_step: StepName.PREPARE_WORKSPACE,
-        runner._setup_step: StepName.SETUP,
-        runner._implement_step: StepName.IMPLEMENT,
-        runner._review_step: StepName.REVIEW,
-        runner._lint_step: StepName.LINT,
-        runner._test_step: StepName.TEST,
-        runner._baseline_step: StepName.BASELINE,
-        runner._fix_step: StepName.FIX,
-        runner._commit_step: StepName.COMMIT,
-        runner._push_step: StepName.PUSH,
-        runner._open_pr_step: StepName.OPEN_PR,
-        runner._report_step: StepName.REPORT,
+        workflow._ticket_run: workflow.WORKFLOW_NAME,
+        workflow._prepare_step: StepName.PREPARE_WORKSPACE,
+        workflow._setup_step: StepName.SETUP,
+        workflow._implement_step: StepName.IMPLEMENT,
+        workflow._review_step: StepName.REVIEW,
+        workflow._lint_step: StepName.LINT,
+        workflow._test_step: StepName.TEST,
+        workflow._baseline_step: StepName.BASELINE,
+        workflow._fix_step: StepName.FIX,
+        workflow._commit_step: StepName.COMMIT,
+        workflow._push_step: StepName.PUSH,
+        workflow._open_pr_step: StepName.OPEN_PR,
+        workflow._report_step: StepName.REPORT,
     }
     for function, name in registered.items():
         assert function.dbos_function_name == name, message
