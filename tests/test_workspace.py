@@ -22,13 +22,9 @@ import pytest
 
 from app.errors import CommandError, PushRejected, SandboxTampered, WorkspaceError
 from app.models import Ticket
-from app.workspace.worktrees import (
-    Changes,
-    TicketPlace,
-    Workspace,
-    WorkspaceConfig,
-    Worktree,
-)
+from app.workspace.places import TicketPlace
+from app.workspace.publish import Changes
+from app.workspace.worktrees import Workspace, WorkspaceConfig, Worktree
 from tests.fakes.git_http_server import GitHttpServer, GitHttpState
 from tests.gitrepos import Origin, git, git_env, install_hook, make_origin, write_files
 
