@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     git_author_name: str = "auto-code"
     git_author_email: str = "auto-code@users.noreply.github.com"
     worktree_ttl: Duration = timedelta(days=7)
+    worktree_pool_size: int = Field(1, ge=0, le=16)
+    worktree_pool_refresh: Duration = timedelta(minutes=1)
     git_timeout: Duration = timedelta(minutes=10)
 
     # --- agent ---------------------------------------------------------------------------------

@@ -159,6 +159,9 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
             git_timeout=settings.git_timeout.total_seconds(),
             worktree_ttl=settings.worktree_ttl,
             allow_ci_config_writes=settings.allow_ci_config_writes,
+            pool_size=settings.worktree_pool_size,
+            pool_refresh=settings.worktree_pool_refresh.total_seconds(),
+            pool_min_free_mb=settings.min_free_disk_mb,
         ),
         token=token,
     )
@@ -177,7 +180,7 @@ async def default_runner(settings: Settings) -> AsyncIterator[Runner]:
             policies=egress_policies(settings),
             intercept_tls=settings.egress_tls_intercept,
         )
-        async with model as proxy:
+        async with model as proxy, workspace.keeping_the_pool():
             fence = Fence(isolation, fence_config, model=proxy)
             async with _runner(settings, root, fence, token, workspace, proxy) as runner:
                 yield runner

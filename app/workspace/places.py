@@ -42,6 +42,10 @@ class WorkspaceConfig:
     git_timeout: float = 600
     worktree_ttl: timedelta = timedelta(days=7)
     allow_ci_config_writes: bool = False
+    # Checkouts of the base kept ready (app/workspace/pool.py), refreshed this often, above this much disk.
+    pool_size: int = 0
+    pool_refresh: float = 60.0
+    pool_min_free_mb: int = 0
 
 
 def check_key(key: str) -> str:

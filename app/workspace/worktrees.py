@@ -6,6 +6,7 @@ against the names it would build) and no worktree's git files (see worktree_git)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import shlex
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from app.errors import WorkspaceError
+from app.errors import CommandError, WorkspaceError
 from app.logger import get_logger
 from app.models import Ticket
 from app.workspace import publish
@@ -32,6 +33,7 @@ from app.workspace.places import (
     check_key,
     inside,
 )
+from app.workspace.pool import Pool
 from app.workspace.publish import UNSET, Changes, Unset
 from app.workspace.worktree_git import branch_head, checked_admin_dir, new_admin_dir, refuse_a_replaced_marker
 
@@ -107,6 +109,8 @@ class Workspace:
         self._clone = SharedClone(config, token, repo_id=repo_id, git=git, environ=environ)
         self.repo = self._clone.repo
         self.root = self._clone.root
+        self.pool = Pool(self._clone, config.pool_size, min_free_mb=config.pool_min_free_mb)
+        self._pool_wake = asyncio.Event()
 
     # --- names and paths ------------------------------------------------------------------------
 
@@ -156,9 +160,40 @@ class Workspace:
         self._clone.drop_old_temporaries()
         if self._clone.is_cloned():
             await self._drop_stale_base_checkouts()
+            await self.pool.tidy()
             async with self._clone.locked():
                 await self._clone.git(["worktree", "prune"])
         log.info("workspace ready", workspace=str(self.root), repo=self.repo.repo_id)
+
+    @contextlib.asynccontextmanager
+    async def keeping_the_pool(self) -> AsyncIterator[None]:
+        """For the block, keep the pool full and at the current base: fetch on a timer and after a take."""
+        if self.pool.size == 0:
+            yield
+            return
+        task = asyncio.create_task(self._pool_loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _pool_loop(self) -> None:
+        while True:
+            self._pool_wake.clear()
+            started = time.monotonic()
+            try:
+                async with self._clone.locked():
+                    self._clone.ensure_service_dirs()
+                    await self._clone.sync()
+                added = await self.pool.fill()
+                if added:
+                    log.info("pool filled", added=added, seconds=round(time.monotonic() - started, 2))
+            except (WorkspaceError, CommandError) as exc:
+                log.warning("pool not refreshed", error=str(exc)[-500:])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pool_wake.wait(), self._config.pool_refresh)
 
     async def prepare(self, key: str) -> Worktree:
         """Fetch (or clone) and return the ticket's worktree on `ticket/<key>`, reusing a good one."""
@@ -188,9 +223,10 @@ class Workspace:
                 await self._clear_way(place, registered)
                 start = remote_head or base_commit
                 place.worktree.parent.mkdir(parents=True, exist_ok=True)
-                await clone.git(
-                    ["worktree", "add", "--no-track", "-B", place.branch, str(place.worktree), start]
-                )
+                if not await self._from_pool(place, start):
+                    await clone.git(
+                        ["worktree", "add", "--no-track", "-B", place.branch, str(place.worktree), start]
+                    )
                 state = TicketState(
                     start_commit=start,
                     base_branch=base,
@@ -333,6 +369,43 @@ class Workspace:
             start = merge_base.stdout.strip() if merge_base.returncode == 0 else head
         log.warning("worktree record rebuilt", ticket=place.key, start=start)
         return TicketState(start_commit=start, base_branch=base, remote_head=contained, admin=admin)
+
+    async def _from_pool(self, place: TicketPlace, start: str) -> bool:
+        """Move a ready pool entry to the ticket's place and switch it to the branch (under the lock)."""
+        entry = self.pool.take()
+        if entry is None:
+            return False
+        self._pool_wake.set()
+        clone = self._clone
+        moved = await clone.git(["worktree", "move", str(entry), str(place.worktree)], check=False)
+        if moved.returncode == 0:
+            admin = new_admin_dir(place)
+            env = {"GIT_DIR": str(admin), "GIT_COMMON_DIR": str(place.clone / ".git")}
+            switched = await clone.git(
+                [
+                    "--work-tree",
+                    str(place.worktree),
+                    "checkout",
+                    "--quiet",
+                    "--no-track",
+                    "-B",
+                    place.branch,
+                    start,
+                ],
+                place.worktree,
+                env,
+                check=False,
+            )
+            if switched.returncode == 0:
+                log.info("worktree taken from the pool", ticket=place.key, entry=entry.name)
+                return True
+        log.warning("pool entry not usable", ticket=place.key, entry=entry.name, reason=moved.output[-300:])
+        for path in (entry, place.worktree):
+            await self._unregister(path)
+            if path.exists() or path.is_symlink():
+                clone.remove_tree(path)
+        await clone.git(["worktree", "prune"])
+        return False
 
     async def _clear_way(self, place: TicketPlace, registered: Mapping[Path, _Registered]) -> None:
         """Repair what stands where the ticket's worktree goes: wrong branch, leftovers, other holders."""
