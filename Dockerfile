@@ -6,7 +6,7 @@
 #
 # No secret is ever baked in: settings come from the environment at run time (see .env.example and
 # deployment-plan.md). The image listens on CLAUDE_CODE_API_PORT (3001) but publishes nothing: a
-# Cloudflare Tunnel reaches it over the Compose network (compose/docker-compose.yml).
+# Cloudflare Tunnel reaches it over the Compose network (compose/auto-code.yml).
 
 # The uv release that wrote uv.lock; bump it together with the lock file's tooling.
 ARG UV_VERSION=0.13.9
