@@ -51,12 +51,18 @@ def test_the_tree_keeps_its_layers(tmp_path: Path) -> None:
         ("app/agent/model_proxy.py", "import app.web.health", "app.agent.model_proxy -> app.web.health"),
         ("app/models.py", "import app.intake.adf", "app.models -> app.intake.adf"),
         ("app/intake/adf.py", "import app.integrations.github", "app.intake.adf -> app.integrations.github"),
+        (
+            "app/agent/guard/words.py",
+            "import app.agent.guard.policy",
+            "app.agent.guard.words -> app.agent.guard.policy",
+        ),
     ],
     ids=[
         "isolation-imports-the-pipeline",
         "agent-imports-the-web",
         "ground-imports-intake",
         "undeclared-sideways",
+        "guard-rule-imports-its-entry-point",
     ],
 )
 def test_a_wrong_import_fails_lint_imports(tmp_path: Path, module: str, line: str, named: str) -> None:
